@@ -124,11 +124,12 @@ def build_spec(max_image_size: int = 640) -> mujoco.MjSpec:
     light.specular = [0.1, 0.1, 0.1]
 
     table_half = TABLE_HALF + WALL_THICKNESS
+    # A plane, not a box: plane contacts are analytic for all three shapes, whereas
+    # cylinder-box contacts jitter and make resting cylinders creep.
     table = world.add_geom()
     table.name = "table"
-    table.type = mujoco.mjtGeom.mjGEOM_BOX
-    table.size = [table_half, table_half, 0.02]
-    table.pos = [0.0, 0.0, -0.02]
+    table.type = mujoco.mjtGeom.mjGEOM_PLANE
+    table.size = [table_half, table_half, 0.01]
     table.material = "table"
     table.friction = [0.5, 0.005, 0.0001]
 
@@ -205,6 +206,7 @@ def build_spec(max_image_size: int = 640) -> mujoco.MjSpec:
                          "sphere": [OBJECT_HALF, 0, 0]}[shape]
             geom.friction = [0.5, 0.005, 0.002]
             geom.condim = 6 if shape == "sphere" else 3  # rolling friction for spheres
+            geom.solref = [0.01, 1.0]  # stiffer than the default: objects sink ~1 mm, not 3
             geom.contype = geom.conaffinity = 0
             geom.group = HIDDEN_GROUP
 

@@ -204,6 +204,8 @@ class TabletopEnv(gym.Env):
             if on:
                 self.model.geom_rgba[geom] = (*COLOURS[obj.colour], 1.0)
         body = self.index.object_bodies[slot]
+        # MuJoCo's broad phase skips bodies by these body-level flags, compiled from the geoms.
+        self.model.body_contype[body] = self.model.body_conaffinity[body] = 1
         self.model.body_gravcomp[body] = 0.0
         self.model.body_inertia[body] = shape_inertia(obj.shape)
         self.active.append(slot)
@@ -226,7 +228,9 @@ class TabletopEnv(gym.Env):
             self.model.geom_contype[geom] = self.model.geom_conaffinity[geom] = 0
             self.model.geom_group[geom] = HIDDEN_GROUP
         # Parked below the table, weightless, out of every collision.
-        self.model.body_gravcomp[self.index.object_bodies[slot]] = 1.0
+        body = self.index.object_bodies[slot]
+        self.model.body_contype[body] = self.model.body_conaffinity[body] = 0
+        self.model.body_gravcomp[body] = 1.0
         a = self.index.object_qpos[slot]
         self.data.qpos[a:a + 7] = (0.1 * slot, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0)
 

@@ -195,7 +195,7 @@ def sample_task(family: str, rng: np.random.Generator, num_objects: tuple[int, i
         objects = tuple(SceneObject(colours[i], shapes[rng.integers(len(shapes))]) for i in picked)
         n_pads = int(rng.integers(1, 4)) if family == "push_to_pad" else 0
         pad_colours = tuple(COLOURS_ORDER[i] for i in rng.choice(len(COLOURS_ORDER), n_pads, replace=False))
-        pad_xy = _scatter(rng, n_pads, 0.17, 2 * PAD_RADIUS + 0.02, [])
+        pad_xy = _scatter(rng, n_pads, 0.15, 2 * PAD_RADIUS + 0.02, [])  # clear of corners
         obj_xy = _scatter(rng, n, 0.18, 3.2 * OBJECT_HALF, [(p, PAD_RADIUS + OBJECT_HALF + 0.01) for p in pad_xy])
         if obj_xy is None or pad_xy is None:
             continue

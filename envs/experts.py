@@ -1,0 +1,166 @@
+"""Scripted experts: closed-loop controllers that read the privileged truth in `info`.
+
+For data generation and reference numbers only: no model or planner ever sees `info`. They act
+from `info` alone, so they work unchanged through any wrapper.
+
+Pushing uses the classic approach-from-behind strategy: circle the object at a safe radius to
+the point behind it on the object->goal line, then push along that line while correcting the
+lateral offset. Near a wall the ideal approach point can be out of reach; the expert then
+pushes in the nearest direction whose approach point it can reach, which walks the object off
+the wall first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .scene import OBJECT_HALF, PUSHER_RADIUS, TABLE_HALF
+from .tabletop import CONTROL_HZ, MAX_SPEED
+from .tasks import PAD_RADIUS, REGIONS, Subgoal, subgoal_met
+
+STEP = MAX_SPEED / CONTROL_HZ  # metres moved in one control step at |action| = 1
+CONTACT = OBJECT_HALF + PUSHER_RADIUS  # centre distance when pusher touches a cube face
+BEHIND = CONTACT + 0.012  # where the pusher lines up before a push
+ORBIT = CONTACT + 0.03  # radius at which it circles an object without touching it
+AVOID = CONTACT + 0.025  # obstacles closer than this (centre to centre) are steered round
+REACH = TABLE_HALF - PUSHER_RADIUS - 0.004  # the pusher centre's reachable box
+REGION_MARGIN = 0.05  # aim this far inside a region's boundary
+
+
+class ScriptedExpert:
+    """Solves every tabletop task family from privileged state.
+
+    `noise` in [0, 1] adds temporally correlated (Ornstein-Uhlenbeck) noise of that standard
+    deviation to the actions: 0 is the clean expert; ~0.3 gives diverse, partly failing
+    behaviour for world-model data.
+    """
+
+    def __init__(self, noise: float = 0.0, rng: np.random.Generator | None = None):
+        if not 0.0 <= noise <= 1.0:
+            raise ValueError(f"expert noise must be in [0, 1], got {noise}")
+        self.noise = noise
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self._ou = np.zeros(2)
+
+    def reset(self) -> None:
+        self._ou = np.zeros(2)
+
+    def act(self, info: dict) -> np.ndarray:
+        action = self.clean_action(info)
+        if self.noise > 0:
+            # OU noise with unit stationary variance and ~0.5 s correlation time.
+            theta = 0.2
+            self._ou = (1 - theta) * self._ou + np.sqrt(1 - (1 - theta) ** 2) * self.rng.standard_normal(2)
+            action = action + self.noise * self._ou
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+    def clean_action(self, info: dict) -> np.ndarray:
+        task = info["task"]
+        names = info["object_names"]
+        objects = np.asarray(info["object_pos"])[:, :2]
+        pusher = np.asarray(info["pusher_pos"], dtype=float)
+        pads = dict(zip(task["pads"], np.asarray(info["pad_pos"])))
+        subgoals = [Subgoal(names.index(s["object"]), s["kind"], s["target"]) for s in task["subgoals"]]
+        met = [subgoal_met(s, objects, pusher, pads) for s in subgoals]
+        # Work on the next subgoal in order; once all were reached, on any that slipped.
+        stage = info["stage"]
+        todo = subgoals[stage] if stage < len(subgoals) else next(
+            (s for s, m in zip(subgoals, met) if not m), None)
+        if todo is None:
+            return np.zeros(2)
+        obstacles = np.delete(objects, todo.object, axis=0)
+        if todo.kind == "touch":
+            return _go_to(pusher, objects[todo.object], obstacles)
+        goal = pads[todo.target] if todo.kind == "pad" else _region_goal(objects[todo.object], todo.target)
+        return _push(pusher, objects[todo.object], goal, obstacles)
+
+
+def _region_goal(obj: np.ndarray, region: str) -> np.ndarray:
+    """The nearest point to the object lying well inside the region."""
+    x0, x1, y0, y1 = REGIONS[region]
+    lo = np.array([max(x0, -REACH) + REGION_MARGIN, max(y0, -REACH) + REGION_MARGIN])
+    hi = np.array([min(x1, REACH) - REGION_MARGIN, min(y1, REACH) - REGION_MARGIN])
+    return np.clip(obj, np.minimum(lo, hi), np.maximum(lo, hi))
+
+
+def _velocity_to(pusher: np.ndarray, target: np.ndarray, speed: float = 1.0) -> np.ndarray:
+    """Action that moves toward `target`, arriving without overshoot, at most `speed`."""
+    delta = (target - pusher) / STEP
+    norm = np.linalg.norm(delta)
+    return delta * min(1.0, speed / norm) * 0.8 if norm > 1e-9 else np.zeros(2)
+
+
+def _go_to(pusher, target, obstacles, speed=1.0):
+    """Head for `target`, sliding round obstacles ahead instead of stalling against them."""
+    action = _velocity_to(pusher, target, speed)
+    heading = target - pusher
+    for ob in obstacles:
+        away = pusher - ob
+        dist = np.linalg.norm(away)
+        if dist < AVOID and away @ heading < 0 and dist < np.linalg.norm(heading):
+            normal = away / max(dist, 1e-6)
+            tangent = np.array([-normal[1], normal[0]])
+            if tangent @ heading < 0:
+                tangent = -tangent
+            strength = (AVOID - dist) / (AVOID - CONTACT)
+            action = action + strength * (0.3 * normal + tangent)
+    return action
+
+
+def _push(pusher, obj, goal, obstacles):
+    to_goal = goal - obj
+    dist = np.linalg.norm(to_goal)
+    if dist < 1e-3:
+        return np.zeros(2)
+    u = _reachable_direction(obj, to_goal / dist)
+    perp = np.array([-u[1], u[0]])
+    rel = pusher - obj
+    along, lateral = rel @ u, rel @ perp
+    if along < -CONTACT + 0.012 and abs(lateral) < 0.012:
+        # Lined up behind the object: push through its centre, steering out lateral error.
+        # Slow down near the goal so the object does not slide or roll past it.
+        speed = float(np.clip(dist / 0.06, 0.25, 1.0))
+        target = obj + u * (min(dist, 0.05) + CONTACT - 0.01) - perp * lateral
+        return _velocity_to(pusher, target, speed)
+    behind = obj - u * BEHIND
+    angle_now = np.arctan2(rel[1], rel[0])
+    turn = (np.arctan2(-u[1], -u[0]) - angle_now + np.pi) % (2 * np.pi) - np.pi
+    if abs(turn) <= 0.3:
+        return _go_to(pusher, behind, obstacles)
+    # Circle round the object to its far side, the short way unless a wall is in the way of
+    # that arc (then the long way, or whichever arc leaves the table least).
+    arcs = [turn, turn - np.sign(turn) * 2 * np.pi]
+    arc = min(arcs, key=lambda a: (_arc_outside(obj, angle_now, a), abs(a)))
+    waypoint = _orbit_point(obj, angle_now + np.sign(arc) * min(abs(arc), 0.7))
+    return _go_to(pusher, waypoint, obstacles)
+
+
+def _orbit_point(obj, angle) -> np.ndarray:
+    """Point at `angle` round the object: ORBIT away, pulled in (down to just clear) at walls."""
+    d = np.array([np.cos(angle), np.sin(angle)])
+    radius = ORBIT
+    for i in range(2):
+        if abs(d[i]) > 1e-6:
+            room = (np.sign(d[i]) * REACH - obj[i]) / d[i]
+            radius = min(radius, room)
+    radius = max(radius, CONTACT + 0.004)
+    return np.clip(obj + radius * d, -REACH, REACH)
+
+
+def _arc_outside(obj, start, arc) -> float:
+    """How far (summed, metres) an orbit arc would have to leave the pusher's reach."""
+    total = 0.0
+    for angle in start + np.linspace(0.0, arc, 12):
+        d = np.array([np.cos(angle), np.sin(angle)])
+        total += float(np.clip(np.abs(obj + (CONTACT + 0.004) * d) - REACH, 0.0, None).sum())
+    return total
+
+
+def _reachable_direction(obj: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The push direction closest to `u` whose approach point the pusher can reach."""
+    for offset in np.deg2rad([0, 15, -15, 30, -30, 45, -45, 60, -60, 75, -75, 90, -90]):
+        c, s = np.cos(offset), np.sin(offset)
+        cand = np.array([c * u[0] - s * u[1], s * u[0] + c * u[1]])
+        if np.all(np.abs(obj - cand * BEHIND) <= REACH):
+            return cand
+    return u
