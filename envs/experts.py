@@ -30,23 +30,39 @@ REGION_MARGIN = 0.05  # aim this far inside a region's boundary
 class ScriptedExpert:
     """Solves every tabletop task family from privileged state.
 
-    `noise` in [0, 1] adds temporally correlated (Ornstein-Uhlenbeck) noise of that standard
-    deviation to the actions: 0 is the clean expert; ~0.3 gives diverse, partly failing
-    behaviour for world-model data.
+    `noise` in [0, 1] makes it a realistic, fallible demonstrator for world-model data:
+    - temporally correlated (Ornstein-Uhlenbeck) action noise of standard deviation `noise`;
+    - lapses: each step, with probability LAPSE_RATE * noise, it spends 5-20 steps pushing a
+      random object toward a random spot, so failures (and the wrong object moved) happen.
+    0 is the clean expert; 0.3 fails in roughly a quarter of push episodes (see the README).
     """
+
+    LAPSE_RATE = 0.15
 
     def __init__(self, noise: float = 0.0, rng: np.random.Generator | None = None):
         if not 0.0 <= noise <= 1.0:
             raise ValueError(f"expert noise must be in [0, 1], got {noise}")
         self.noise = noise
         self.rng = rng if rng is not None else np.random.default_rng()
-        self._ou = np.zeros(2)
+        self.reset()
 
     def reset(self) -> None:
         self._ou = np.zeros(2)
+        self._lapse_steps, self._lapse = 0, (0, np.zeros(2))
 
     def act(self, info: dict) -> np.ndarray:
-        action = self.clean_action(info)
+        if self.noise > 0 and self._lapse_steps == 0 and self.rng.uniform() < self.LAPSE_RATE * self.noise:
+            n_objects = len(info["object_names"])
+            self._lapse_steps = int(self.rng.integers(5, 21))
+            self._lapse = (int(self.rng.integers(n_objects)), self.rng.uniform(-0.18, 0.18, 2))
+        if self._lapse_steps > 0:
+            self._lapse_steps -= 1
+            objects = np.asarray(info["object_pos"])[:, :2]
+            index, goal = self._lapse
+            action = _push(np.asarray(info["pusher_pos"], float), objects[index], goal,
+                           np.delete(objects, index, axis=0))
+        else:
+            action = self.clean_action(info)
         if self.noise > 0:
             # OU noise with unit stationary variance and ~0.5 s correlation time.
             theta = 0.2

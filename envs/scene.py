@@ -85,7 +85,7 @@ def build_spec(max_image_size: int = 640) -> mujoco.MjSpec:
     """The whole scene as an MjSpec. `max_image_size` sizes the offscreen framebuffer."""
     spec = mujoco.MjSpec()
     spec.modelname = "foresight_tabletop"
-    spec.option.timestep = 0.005
+    spec.option.timestep = 0.01  # 10 substeps per 10 Hz control step
     spec.option.integrator = mujoco.mjtIntegrator.mjINT_IMPLICITFAST
     # No shadows and no multisampling: with them, software rendering is ~30x slower.
     spec.visual.quality.shadowsize = 0
@@ -124,14 +124,22 @@ def build_spec(max_image_size: int = 640) -> mujoco.MjSpec:
     light.specular = [0.1, 0.1, 0.1]
 
     table_half = TABLE_HALF + WALL_THICKNESS
-    # A plane, not a box: plane contacts are analytic for all three shapes, whereas
-    # cylinder-box contacts jitter and make resting cylinders creep.
+    # Objects collide with a plane (analytic contacts for all three shapes; cylinder-box
+    # contacts jitter and make resting cylinders creep), but we draw a box: MuJoCo renders a
+    # plane as a subdivided grid, which doubled the cost of a 64x64 frame.
     table = world.add_geom()
     table.name = "table"
     table.type = mujoco.mjtGeom.mjGEOM_PLANE
     table.size = [table_half, table_half, 0.01]
-    table.material = "table"
     table.friction = [0.5, 0.005, 0.0001]
+    table.group = HIDDEN_GROUP
+    top = world.add_geom()
+    top.name = "table_top"
+    top.type = mujoco.mjtGeom.mjGEOM_BOX
+    top.size = [table_half, table_half, 0.01]
+    top.pos = [0.0, 0.0, -0.01]
+    top.material = "table"
+    top.contype = top.conaffinity = 0
 
     # Four low walls keep objects on the table.
     wall_mid = TABLE_HALF + WALL_THICKNESS / 2
@@ -206,7 +214,7 @@ def build_spec(max_image_size: int = 640) -> mujoco.MjSpec:
                          "sphere": [OBJECT_HALF, 0, 0]}[shape]
             geom.friction = [0.5, 0.005, 0.002]
             geom.condim = 6 if shape == "sphere" else 3  # rolling friction for spheres
-            geom.solref = [0.01, 1.0]  # stiffer than the default: objects sink ~1 mm, not 3
+            geom.solimp = [0.99, 0.999, 0.001, 0.5, 2.0]  # firm contact: resting spheres stay put
             geom.contype = geom.conaffinity = 0
             geom.group = HIDDEN_GROUP
 
@@ -239,7 +247,7 @@ class SceneIndex:
         def gid(name):
             return mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_GEOM, name)
 
-        self.table_geom = gid("table")
+        self.table_geom = gid("table_top")
         self.table_mat = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_MATERIAL, "table")
         self.table_tex = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_TEXTURE, "table")
         self.pad_geoms = [gid(f"pad{i}") for i in range(N_PAD_SLOTS)]
@@ -277,13 +285,19 @@ class Renderer:
 
     def __init__(self, model: mujoco.MjModel):
         self.model = model
-        self._gl = mujoco.GLContext(model.vis.global_.offwidth, model.vis.global_.offheight)
+        self._ctx = None
+        try:
+            self._gl = mujoco.GLContext(model.vis.global_.offwidth, model.vis.global_.offheight)
+            self._gl.make_current()
+        except Exception as err:
+            raise RuntimeError(
+                f"could not open an offscreen OpenGL context ({err}); mujoco picks its GL backend "
+                f"when first imported, so import envs before mujoco or set MUJOCO_GL=egl") from err
         if not _LIVE_RENDERERS:
             # The first context registers EGL's own shutdown; ours must run before it (LIFO).
             atexit.unregister(_close_renderers)
             atexit.register(_close_renderers)
         _LIVE_RENDERERS.add(self)
-        self._gl.make_current()
         self._ctx = mujoco.MjrContext(model, mujoco.mjtFontScale.mjFONTSCALE_100)
         mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self._ctx)
         self._scene = mujoco.MjvScene(model, maxgeom=64)

@@ -27,7 +27,7 @@ class TabletopEnv(gym.Env):
     """Language-conditioned pushing on a MuJoCo table.
 
     Action: `Box(-1, 1, (2,))`, the pusher's planar velocity as a fraction of MAX_SPEED, held for
-    one 10 Hz control step (20 physics substeps).
+    one 10 Hz control step (10 physics substeps of 10 ms).
 
     Observation (`Dict`):
       pixels       Dict of camera name -> uint8[H, W, 3]

@@ -1,0 +1,52 @@
+"""Scripted experts: near-perfect when clean, fallible with noise, robust to perturbations.
+
+The 200-episode figure per task is measured by `foresight-experts` (README); these use fewer.
+"""
+
+import numpy as np
+import pytest
+
+import envs
+from experiments.experts import run_episode
+
+SEEDS = range(envs.EVAL_SEED_START, envs.EVAL_SEED_START + 20)
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = envs.make_env(image_size=16)  # experts read info, not pixels: keep rendering cheap
+    yield env
+    env.close()
+
+
+def success_rate(env, expert, family, seeds):
+    return np.mean([run_episode(env, expert, seed, family, record=False)[0] for seed in seeds])
+
+
+@pytest.mark.parametrize("family", envs.FAMILIES)
+def test_clean_expert_solves_every_family(env, family):
+    assert success_rate(env, envs.ScriptedExpert(), family, SEEDS) >= 0.95
+
+
+def test_noise_makes_the_expert_fail_sometimes_and_vary(env):
+    clean = success_rate(env, envs.ScriptedExpert(), "push_to_pad", SEEDS[:10])
+    noisy = success_rate(env, envs.ScriptedExpert(1.0, np.random.default_rng(0)), "push_to_pad", SEEDS[:10])
+    assert noisy <= clean - 0.3
+    # Two noisy experts with different generators act differently from the same start.
+    actions = []
+    for seed in (1, 2):
+        _, info = env.reset(seed=SEEDS[0], options={"task": "push_to_pad"})
+        expert = envs.ScriptedExpert(0.3, np.random.default_rng(seed))
+        actions.append([expert.act(info) for _ in range(5)])
+    assert not np.allclose(actions[0], actions[1])
+
+
+def test_expert_recovers_when_its_object_is_displaced():
+    env = envs.make_env(image_size=16, perturbations={"displace": 1.0, "distractors": 1.0})
+    assert success_rate(env, envs.ScriptedExpert(), "push_to_region", SEEDS[:10]) >= 0.8
+    env.close()
+
+
+def test_noise_outside_its_range_is_rejected():
+    with pytest.raises(ValueError, match=r"expert noise must be in \[0, 1\]"):
+        envs.ScriptedExpert(1.5)
