@@ -16,7 +16,7 @@ import numpy as np
 
 from .scene import OBJECT_HALF, PUSHER_RADIUS, TABLE_HALF
 from .tabletop import CONTROL_HZ, MAX_SPEED
-from .tasks import PAD_RADIUS, REGIONS, Subgoal, subgoal_met
+from .tasks import REGIONS, Subgoal, subgoal_met
 
 STEP = MAX_SPEED / CONTROL_HZ  # metres moved in one control step at |action| = 1
 CONTACT = OBJECT_HALF + PUSHER_RADIUS  # centre distance when pusher touches a cube face

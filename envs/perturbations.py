@@ -303,7 +303,7 @@ class DistractorColours(SceneEdit):
             if obj.colour in base.task.named_colours:
                 continue
             palette = np.array(COLOURS[obj.colour])
-            rgb = far_colours(self.rng, lambda rng: (1 - s) * palette + s * rng.uniform(0, 1, 3), avoid)[0]
+            rgb = far_colours(self.rng, lambda rng, p=palette: (1 - s) * p + s * rng.uniform(0, 1, 3), avoid)[0]
             base.model.geom_rgba[base.index.object_geoms[slot][obj.shape], :3] = rgb
 
 

@@ -16,7 +16,8 @@ from .scene import COLOURS, OBJECT_HALF, PAD_RADIUS, PUSHER_RADIUS, SHAPES, TABL
 FAMILIES = ("reach", "push_to_pad", "push_to_region", "two_step")
 INSTRUCTION_SPLITS = ("train", "heldout")
 
-# Step budgets at 10 Hz, about twice what the scripted experts need at their slowest.
+# Step budgets at 10 Hz: roughly twice the clean expert's slowest of 100 episodes
+# (measured 15, 48, 45 and 86 steps).
 BUDGETS = {"reach": 40, "push_to_pad": 80, "push_to_region": 80, "two_step": 160}
 
 # Regions are axis-aligned boxes (xmin, xmax, ymin, ymax) in table coordinates.
