@@ -153,9 +153,10 @@ class TabletopEnv(gym.Env):
         self.data.ctrl[:] = np.clip(action, -1.0, 1.0) * MAX_SPEED
         mujoco.mj_step(self.model, self.data, nstep=self.substeps)
         self.steps += 1
-        success = self._update_progress()
+        met = self._subgoals_met()
+        self.stage, success = advance(self.task, self.stage, met)
         truncated = self.steps >= self.task.budget and not success
-        return self._observation(), float(success), success, truncated, self.privileged_info()
+        return self._observation(), float(success), success, truncated, self.privileged_info(met)
 
     def render(self):
         if self.render_mode != "rgb_array":
@@ -176,9 +177,10 @@ class TabletopEnv(gym.Env):
         """Planar positions [n, 2] of the active objects, task objects first."""
         return self.data.xpos[[self.index.object_bodies[s] for s in self.active], :2].copy()
 
-    def privileged_info(self) -> dict[str, Any]:
+    def privileged_info(self, met: list[bool] | None = None) -> dict[str, Any]:
+        """The privileged truth of the current state (`met`: the subgoal checks, if known)."""
         bodies = [self.index.object_bodies[s] for s in self.active]
-        met = self._subgoals_met()
+        met = self._subgoals_met() if met is None else met
         return {
             "is_success": self.stage == len(self.task.subgoals) and all(met),
             "stage": self.stage,
@@ -239,10 +241,6 @@ class TabletopEnv(gym.Env):
         pusher = self.data.qpos[self.index.pusher_qpos]
         pads = {c: self.model.geom_pos[g, :2] for c, g in zip(self.task.pads, self.index.pad_geoms)}
         return [subgoal_met(s, xy, pusher, pads) for s in self.task.subgoals]
-
-    def _update_progress(self) -> bool:
-        self.stage, success = advance(self.task, self.stage, self._subgoals_met())
-        return success
 
     def _observation(self) -> dict[str, Any]:
         pos = self.data.qpos[self.index.pusher_qpos]
