@@ -180,3 +180,24 @@ def _reachable_direction(obj: np.ndarray, u: np.ndarray) -> np.ndarray:
         if np.all(np.abs(obj - cand * BEHIND) <= REACH):
             return cand
     return u
+
+
+class RandomPlay:
+    """Smooth random actions (an OU process, clipped): coverage data with no intent.
+
+    White noise makes the pusher jitter in place; correlated noise makes it wander the table.
+    """
+
+    def __init__(self, action_dim: int, rng: np.random.Generator | None = None, correlation: float = 0.8):
+        self.action_dim, self.correlation = action_dim, correlation
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self.reset()
+
+    def reset(self) -> None:
+        self._x = self.rng.uniform(-1, 1, self.action_dim)
+
+    def act(self, info: dict) -> np.ndarray:
+        c = self.correlation
+        self._x = c * self._x + np.sqrt(1 - c * c) * self.rng.standard_normal(self.action_dim)
+        return np.clip(self._x, -1.0, 1.0).astype(np.float32)
+

@@ -169,6 +169,16 @@ class TabletopEnv(gym.Env):
             self.renderer = None
 
     # --------------------------------------------------------------- for wrappers and tools
+    # Privileged arrays a dataset records per frame, NaN-padded to these shapes.
+    privileged_shapes = {"object_pos": (N_OBJECT_SLOTS, 3), "object_quat": (N_OBJECT_SLOTS, 4),
+                         "pad_pos": (scene.N_PAD_SLOTS, 2), "pusher_pos": (2,)}
+
+    def make_expert(self, noise: float = 0.0, rng: np.random.Generator | None = None):
+        """The scripted expert for this environment (data collection and reference numbers)."""
+        from .experts import ScriptedExpert  # experts import this module
+
+        return ScriptedExpert(noise, rng)
+
     def render_pixels(self) -> dict[str, np.ndarray]:
         """The `pixels` observation of the current state (wrappers re-render after edits)."""
         return {c: self._render(c, self.image_hw) for c in self.cameras}
