@@ -2,6 +2,7 @@
 
     foresight-bench env                 # tabletop steps/s with 64x64 rendering, on one core
     foresight-bench env --repeats 10 --out outputs/bench/env.json
+    foresight-bench data                # training windows/s from a cached 64x64 dataset
 
 Each suite runs `--repeats` times; the table and the JSON give min/median/max per metric.
 Later issues add suites (data, world_model, vla, planner) to SUITES.
@@ -63,9 +64,43 @@ def bench_env(args) -> dict[str, tuple[float, str]]:
     }
 
 
+DATA_CACHE = os.path.join("outputs", "bench", "data_tabletop.h5")
+
+
+def bench_data(args) -> dict[str, tuple[float, str]]:
+    """One repeat of the dataset suite: loading a cached 64x64 dataset, then sampling windows."""
+    import envs
+    from envs.dataset import EpisodeDataset, EpisodeWriter, WindowSampler, dataset_meta, record_episode
+    from envs.experts import RandomPlay
+
+    if not os.path.exists(DATA_CACHE):  # made once, then reused: "from a cached file"
+        env = envs.make_env(image_size=64)
+        with EpisodeWriter(DATA_CACHE, dataset_meta(env, {"image_size": 64}),
+                           env.unwrapped.privileged_shapes) as writer:
+            for seed in range(args.episodes):
+                writer.append(record_episode(env, RandomPlay(2, np.random.default_rng(seed)), seed, "random"))
+        env.close()
+    t = time.perf_counter()
+    ds = EpisodeDataset(DATA_CACHE, load=True)
+    load_s = time.perf_counter() - t
+    sampler = WindowSampler(ds, history=args.history, horizon=args.horizon, chunk=args.chunk)
+    rng = np.random.default_rng(0)
+    sampler.sample(rng, args.batch)
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < 2.0:
+        sampler.sample(rng, args.batch)
+        n += args.batch
+    windows_per_s = n / (time.perf_counter() - t)
+    frames = ds.frames["pixels"].shape[0]
+    ds.close()
+    return {"windows_per_s": (windows_per_s, "windows/s"), "load_s": (load_s, "s"),
+            "frames": (frames, "frames"), "file_mb": (os.path.getsize(DATA_CACHE) / 1e6, "MB")}
+
+
 # suite name -> (function, default cores, what the issue asks of it)
 SUITES: dict[str, tuple[Callable, int, str]] = {
     "env": (bench_env, 1, "steps_per_s >= 500 with 64x64 rendering on one core"),
+    "data": (bench_data, 2, "windows_per_s >= 20k at 64x64 from a cached file"),
 }
 
 
@@ -74,7 +109,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="foresight-bench", description=__doc__.split("\n")[0])
     parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=2000, help="env steps per repeat")
+    parser.add_argument("--steps", type=int, default=2000, help="env: steps per repeat")
+    parser.add_argument("--episodes", type=int, default=200, help="data: episodes in the cached dataset")
+    parser.add_argument("--batch", type=int, default=256, help="data: windows per batch")
+    parser.add_argument("--history", type=int, default=2, help="data: history frames per window")
+    parser.add_argument("--horizon", type=int, default=4, help="data: chunks per window")
+    parser.add_argument("--chunk", type=int, default=8, help="data: actions per chunk")
     parser.add_argument("--cores", type=int, default=None, help="CPU cores to pin to (default: the suite's)")
     parser.add_argument("--out", default=None, help="JSON path (default: outputs/bench/<suite>.json)")
     args = parser.parse_args(argv)

@@ -54,6 +54,15 @@ def test_bench_env_suite_reports_min_median_max(tmp_path):
     assert "steps_per_s" in result.stdout
 
 
+def test_bench_data_suite_builds_its_cached_dataset_then_samples(tmp_path):
+    out = tmp_path / "data.json"
+    run(["foresight-bench", "data", "--repeats", "1", "--episodes", "3", "--horizon", "1", "--chunk", "2",
+         "--out", str(out)], tmp_path)
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["windows_per_s"]["median"] > 0 and metrics["frames"]["median"] > 3
+    assert (tmp_path / "outputs" / "bench" / "data_tabletop.h5").exists()
+
+
 def test_bench_rejects_unknown_suites(tmp_path):
     result = run(["foresight-bench", "warp-drive"], tmp_path, check=False)
     assert result.returncode != 0 and "invalid choice" in result.stderr
