@@ -14,6 +14,7 @@ os.environ.setdefault("LP_NUM_THREADS", "0")
 import gymnasium as gym  # noqa: E402
 
 from .experts import ScriptedExpert  # noqa: E402
+from .metaworld import METAWORLD_TASKS, metaworld_id, register_metaworld  # noqa: E402
 from .perturbations import AXES, apply_perturbations  # noqa: E402
 from .tabletop import TabletopEnv  # noqa: E402
 from .tasks import FAMILIES, REGIONS, TaskSpec  # noqa: E402
@@ -21,6 +22,7 @@ from .tasks import FAMILIES, REGIONS, TaskSpec  # noqa: E402
 TABLETOP_ID = "foresight/Tabletop-v0"
 if TABLETOP_ID not in gym.registry:
     gym.register(TABLETOP_ID, entry_point="envs.tabletop:TabletopEnv")
+register_metaworld()  # foresight/MetaWorld-<task>-v0; metaworld itself loads on first make
 
 # Evaluation episodes start from seeds at or above this; data collection stays below it, so
 # no evaluation start state was ever seen in training.
@@ -35,4 +37,5 @@ def make_env(id: str = TABLETOP_ID, perturbations: dict[str, float] | None = Non
 
 
 __all__ = ["TabletopEnv", "TaskSpec", "ScriptedExpert", "FAMILIES", "REGIONS", "AXES",
-           "TABLETOP_ID", "EVAL_SEED_START", "apply_perturbations", "make_env"]
+           "TABLETOP_ID", "EVAL_SEED_START", "METAWORLD_TASKS", "apply_perturbations", "make_env",
+           "metaworld_id"]

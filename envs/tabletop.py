@@ -71,7 +71,7 @@ class TabletopEnv(gym.Env):
         if len(num_objects) != 2 or not 1 <= num_objects[0] <= num_objects[1] <= 4:
             raise ValueError(f"num_objects must be (min, max) with 1 <= min <= max <= 4, got {num_objects}")
         self.num_objects = (int(num_objects[0]), int(num_objects[1]))
-        self.image_hw = _image_hw(image_size)
+        self.image_hw = parse_image_size(image_size)
         self.cameras = tuple(cameras)
         if not self.cameras:
             raise ValueError(f"cameras is empty; choose from {', '.join(CAMERAS)}")
@@ -82,7 +82,7 @@ class TabletopEnv(gym.Env):
         if render_mode is not None:
             validate_choice("render mode", render_mode, self.metadata["render_modes"])
         self.render_mode, self.render_camera = render_mode, render_camera
-        self.render_hw = _image_hw(render_size)
+        self.render_hw = parse_image_size(render_size)
 
         self.model = scene.build_spec(max(*self.image_hw, *self.render_hw)).compile()
         self.data = mujoco.MjData(self.model)
@@ -267,7 +267,7 @@ class TabletopEnv(gym.Env):
         return self.renderer.render(self.data, self.index.cameras[camera], *hw)
 
 
-def _image_hw(size) -> tuple[int, int]:
+def parse_image_size(size) -> tuple[int, int]:
     hw = (size, size) if np.isscalar(size) else tuple(size)
     if len(hw) != 2 or not all(isinstance(v, (int, np.integer)) and 8 <= v <= MAX_IMAGE_SIZE for v in hw):
         raise ValueError(f"image size must be an int or (height, width) of ints in [8, {MAX_IMAGE_SIZE}], "

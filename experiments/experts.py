@@ -22,9 +22,9 @@ from experiments.common import (CONFIG_DIR, captioned, clean_errors, format_tabl
 from experiments.env_config import env_from_config
 
 
-def run_episode(env, expert, seed: int, family: str, record: bool):
-    """One expert episode; returns (success, steps, frames)."""
-    _, info = env.reset(seed=seed, options={"task": family})
+def run_episode(env, expert, seed: int, family: str | None, record: bool):
+    """One expert episode (of task `family`, where the env has several); returns (success, steps, frames)."""
+    _, info = env.reset(seed=seed, options={"task": family} if family else None)
     expert.reset()
     frames = [_frame(env, info, 0, False)] if record else []
     steps, done, success = 0, False, False
@@ -50,26 +50,28 @@ def main(cfg: DictConfig) -> None:
     first_seed = envs.EVAL_SEED_START if cfg.seed is None else int(cfg.seed)
     env = env_from_config(cfg.env, render_mode="rgb_array" if cfg.video else None,
                           render_size=int(cfg.video_size))
-    expert = envs.ScriptedExpert(float(cfg.noise), np.random.default_rng(first_seed))
-    families = list(cfg.env.tasks)
+    expert = env.unwrapped.make_expert(float(cfg.noise), np.random.default_rng(first_seed))
+    families = list(cfg.env.tasks) if "tasks" in cfg.env else [None]  # Meta-World: one task per env
     results = {}
     with tqdm(total=len(families) * cfg.episodes, desc="expert episodes", unit="ep") as bar:
         for family in families:
+            label = family or env.unwrapped.task  # a Meta-World env is named by its one task
             outcomes = []
             for ep in range(cfg.episodes):
                 record = cfg.video and ep < cfg.video_episodes
                 success, steps, frames = run_episode(env, expert, first_seed + ep, family, record)
                 outcomes.append((success, steps))
+                budget = env.unwrapped.task.budget if family else env.unwrapped.max_steps
                 if record:
-                    name = family if cfg.video_episodes == 1 else f"{family}_{ep}"
+                    name = label if cfg.video_episodes == 1 else f"{label}_{ep}"
                     path = write_video(out / "videos" / f"{name}.mp4", frames, fps=envs.tabletop.CONTROL_HZ)
                     tqdm.write(f"video: {path}")
                 bar.update()
             wins = sum(s for s, _ in outcomes)
             lo, hi = wilson_interval(wins, len(outcomes))
-            results[family] = {"episodes": len(outcomes), "successes": wins, "success_rate": wins / len(outcomes),
+            results[label] = {"episodes": len(outcomes), "successes": wins, "success_rate": wins / len(outcomes),
                                "ci95": [lo, hi], "mean_steps": float(np.mean([n for _, n in outcomes])),
-                               "budget": envs.tasks.BUDGETS[family]}
+                               "budget": budget}
     env.close()
     rows = [(f, f"{r['successes']}/{r['episodes']}", f"{100 * r['success_rate']:.1f}%",
              f"[{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]", f"{r['mean_steps']:.1f}", r["budget"])
