@@ -36,7 +36,6 @@ def choose_behaviour(cfg: dict, seed: int) -> tuple[str, float]:
 
 def _worker(env_cfg: dict, cfg: dict, seeds, results) -> None:
     """Record the episodes of the seeds it is handed until it gets None."""
-    import envs
     from envs.dataset import record_episode
     from envs.experts import RandomPlay
     from experiments.env_config import env_from_config
@@ -56,7 +55,6 @@ def _worker(env_cfg: dict, cfg: dict, seeds, results) -> None:
         results.put(err)
     finally:
         env.close()
-    del envs
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="collect", version_base="1.3")
