@@ -214,19 +214,21 @@ class Windows:
 class WindowSampler:
     """Random training windows from an in-memory dataset, gathered with vectorised indexing.
 
-    A window at frame t of an episode needs `history` frames ending at t and `horizon` chunks of
-    `chunk` actions after it, all inside the episode.
+    A window at frame t of an episode needs `history` frames ending at t, `stride` frames apart
+    (a world model whose history is one latent per chunk wants stride = chunk), and `horizon`
+    chunks of `chunk` actions after it, all inside the episode.
     """
 
-    def __init__(self, dataset: EpisodeDataset, history: int, horizon: int, chunk: int):
-        if min(history, horizon, chunk) < 1:
-            raise ValueError(f"history, horizon and chunk must be >= 1, got {history}, {horizon}, {chunk}")
+    def __init__(self, dataset: EpisodeDataset, history: int, horizon: int, chunk: int, stride: int = 1):
+        if min(history, horizon, chunk, stride) < 1:
+            raise ValueError(f"history, horizon, chunk and stride must be >= 1, got "
+                             f"{history}, {horizon}, {chunk}, {stride}")
         if not isinstance(dataset.frames["pixels"], np.ndarray):
             raise ValueError("WindowSampler needs the frames in memory: open the dataset with load=True")
         self.ds, self.history, self.horizon, self.chunk = dataset, history, horizon, chunk
         span = horizon * chunk
-        # Every valid (episode, t): t >= history - 1 and t + span <= length.
-        first, last = history - 1, dataset.lengths - span
+        # Every valid (episode, t): t >= (history - 1) * stride and t + span <= length.
+        first, last = (history - 1) * stride, dataset.lengths - span
         counts = np.clip(last - first + 1, 0, None)
         if counts.sum() == 0:
             raise ValueError(f"no episode is long enough for history {history} + {horizon} chunks of {chunk} "
@@ -234,7 +236,7 @@ class WindowSampler:
         self.episode_of = np.repeat(np.arange(len(dataset)), counts)
         offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         self.t_of = first + offsets
-        self._hist = np.arange(-history + 1, 1)
+        self._hist = np.arange(-history + 1, 1) * stride
         self._future = np.arange(1, horizon + 1) * chunk
         self._acts = np.arange(span)
 

@@ -185,3 +185,13 @@ def test_collection_killed_then_resumed_holds_every_seed_once(tmp_path):
 def test_collect_rejects_bad_settings_in_one_line(tmp_path, args, message):
     result = _collect(tmp_path, f"out={tmp_path}/x.h5", *args)
     assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
+
+
+def test_history_can_be_strided_by_chunks(tmp_path):
+    write(tmp_path / "d.h5", [fake_episode(s, 30) for s in range(2)])
+    ds = EpisodeDataset(tmp_path / "d.h5", load=True)
+    w = WindowSampler(ds, history=3, horizon=1, chunk=4, stride=4).sample(np.random.default_rng(1), 16)
+    for i in range(16):
+        ep, t = ds.episode(int(w.episode[i])), int(w.t[i])
+        assert t >= 8
+        np.testing.assert_array_equal(w.state[i], ep.state[[t - 8, t - 4, t]])
