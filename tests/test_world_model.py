@@ -1,0 +1,68 @@
+"""World-model modules: shapes, AdaLN-zero start, language switch, and no leakage from the future."""
+
+import torch
+
+from models.world_model import WorldModel, WorldModelConfig
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    return WorldModel(WorldModelConfig(**kw)).eval()
+
+
+def batch(b=3, t=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (b, t, 1, 64, 64, 3), generator=g, dtype=torch.uint8)
+    return pixels, torch.randn(b, t, 4, generator=g)
+
+
+def test_encode_and_rollout_shapes():
+    wm = make()
+    pixels, state = batch()
+    z = wm.encode(pixels, state)
+    assert z.shape == (3, 2, 128)
+    chunks = torch.randn(3, 4, 8, 2)
+    assert wm.rollout(z, chunks, torch.randn(1, 384)).shape == (3, 4, 128)
+
+
+def test_untrained_predictor_is_the_identity_thanks_to_adaln_zero():
+    wm = make()
+    z = torch.randn(5, 2, 128)
+    out = wm.rollout(z, torch.randn(5, 3, 8, 2), torch.randn(5, 384))
+    # Every block's gate starts at zero, so only the output head moves the latent.
+    head = wm.predictor.out(wm.predictor.inp(z.flatten(1)))
+    torch.testing.assert_close(out[:, 0], z[:, -1] + head)
+
+
+def test_language_switch_changes_the_prediction_only_when_on():
+    for use_language, should_differ in ((True, True), (False, False)):
+        wm = make(use_language=use_language)
+        for block in wm.predictor.blocks:  # give the modulation some weight
+            torch.nn.init.normal_(block.modulation.weight, std=0.1)
+        z, chunks = torch.randn(4, 2, 128), torch.randn(4, 2, 8, 2)
+        a = wm.rollout(z, chunks, torch.randn(1, 384))
+        b = wm.rollout(z, chunks, torch.randn(1, 384))
+        assert (not torch.allclose(a, b)) == should_differ
+
+
+def test_prediction_for_step_one_ignores_later_actions_and_frames():
+    wm = make()
+    for block in wm.predictor.blocks:
+        torch.nn.init.normal_(block.modulation.weight, std=0.1)
+    pixels, state = batch(t=2)
+    z = wm.encode(pixels, state)
+    chunks = torch.randn(3, 4, 8, 2)
+    changed = chunks.clone()
+    changed[:, 1:] += 5.0  # later chunks differ
+    lang = torch.randn(1, 384)
+    torch.testing.assert_close(wm.rollout(z, chunks, lang)[:, 0], wm.rollout(z, changed, lang)[:, 0])
+    # Encoding is per frame: changing a later frame leaves earlier latents alone.
+    pixels2 = pixels.clone()
+    pixels2[:, 1] = 255 - pixels2[:, 1]
+    torch.testing.assert_close(wm.encode(pixels2, state)[:, 0], z[:, 0])
+
+
+def test_vit_encoder_option():
+    wm = make(encoder="vit")
+    pixels, state = batch(b=2, t=1)
+    assert wm.encode(pixels, state).shape == (2, 1, 128)
