@@ -1,3 +1,14 @@
-"""Torch modules and their training: instruction encoder, vision encoders, the JEPA world model,
-the goal model and the VLA (see ../shared/DESIGN.md). Nothing is public yet: the world-model and
-VLA issues fill this package."""
+"""Torch modules and their training (see ../shared/DESIGN.md).
+
+So far: the instruction encoder, the JEPA world model's modules, its anti-collapse
+regularisers and checkpoint I/O. Training, the goal model and the VLA are still to come.
+"""
+
+from .checkpoint import load_checkpoint, load_into, save_checkpoint
+from .regularizers import effective_rank, latent_std, sigreg, variance_covariance
+from .text import InstructionEncoder, get_instruction_encoder
+from .world_model import WorldModel, WorldModelConfig
+
+__all__ = ["InstructionEncoder", "get_instruction_encoder", "WorldModel", "WorldModelConfig", "sigreg",
+           "variance_covariance", "effective_rank", "latent_std", "save_checkpoint", "load_checkpoint",
+           "load_into"]
