@@ -26,6 +26,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .dataset import DatasetError, DatasetMeta, Episode, EpisodeDataset, EpisodeWriter
 
@@ -38,9 +41,6 @@ IMAGE_KEY = "observation.images."
 
 def export_lerobot(dataset_path: str | os.PathLike, out_dir: str | os.PathLike, quality: int = 9) -> Path:
     """Write the dataset at `dataset_path` as a LeRobot v3.0 dataset in `out_dir` (made anew)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise DatasetError(f"{out} exists and is not empty; export into a new directory")
@@ -57,10 +57,8 @@ def export_lerobot(dataset_path: str | os.PathLike, out_dir: str | os.PathLike, 
         state, action = np.concatenate(rows.pop("observation.state")), np.concatenate(rows.pop("action"))
         data = pa.table({**{k: np.concatenate(v) for k, v in rows.items()},
                          "observation.state": _list_column(state), "action": _list_column(action)})
-        _write_parquet(pq, data, tmp / DATA_PATH.format(chunk_index=0, file_index=0))
-        _write_parquet(pq, pa.Table.from_pylist(episodes), tmp / EPISODES_PATH)
-        import pandas as pd
-
+        pq.write_table(data, _mkparent(tmp / DATA_PATH.format(chunk_index=0, file_index=0)))
+        pq.write_table(pa.Table.from_pylist(episodes), _mkparent(tmp / EPISODES_PATH))
         pd.DataFrame({"task_index": range(len(tasks))}, index=pd.Index(tasks, name="task")).to_parquet(
             _mkparent(tmp / "meta/tasks.parquet"))
         image_hw = ds.frames["pixels"].shape[2:4]
@@ -81,8 +79,6 @@ def import_lerobot(in_dir: str | os.PathLike, dataset_path: str | os.PathLike,
     `image_size` resizes frames to image_size x image_size (our models see 64x64); None keeps
     them. Returns the number of episodes imported.
     """
-    import pyarrow.parquet as pq
-
     root = Path(in_dir)
     info = _read_info(root)
     fps = float(info["fps"])
@@ -108,7 +104,7 @@ def import_lerobot(in_dir: str | os.PathLike, dataset_path: str | os.PathLike,
         for ep in sorted(episodes, key=lambda e: e["episode_index"]):
             key = (int(ep.get("data/chunk_index", 0)), int(ep.get("data/file_index", 0)))
             if key not in tables:
-                tables[key] = _read_rows(pq, _existing(root / info["data_path"].format(
+                tables[key] = _read_rows(_existing(root / info["data_path"].format(
                     chunk_index=key[0], file_index=key[1]), root))
             rows = tables[key]
             lo, hi = np.searchsorted(rows["index"], [int(ep["dataset_from_index"]), int(ep["dataset_to_index"])])
@@ -205,7 +201,7 @@ def _existing(path: Path, root: Path) -> Path:
     return path
 
 
-def _read_rows(pq, path: Path) -> dict[str, np.ndarray]:
+def _read_rows(path: Path) -> dict[str, np.ndarray]:
     """The index, state and action columns of a data file, sorted by global index."""
     table = pq.read_table(path, columns=["index", "observation.state", "action"])
     index = table.column("index").to_numpy()
@@ -217,8 +213,6 @@ def _read_rows(pq, path: Path) -> dict[str, np.ndarray]:
 
 
 def _list_column(values: np.ndarray):
-    import pyarrow as pa
-
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float32()), values.shape[1])
 
 
@@ -230,10 +224,6 @@ def _stats(x: np.ndarray) -> dict[str, list[float]]:
 def _mkparent(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _write_parquet(pq, table, path: Path) -> None:
-    pq.write_table(table, _mkparent(path))
 
 
 def _write_video(path: Path, episodes, fps: float, quality: int) -> None:
