@@ -153,13 +153,14 @@ class EpisodeDataset:
             control_hz=float(f.attrs["control_hz"]), action_low=np.asarray(f.attrs["action_low"]),
             action_high=np.asarray(f.attrs["action_high"]), cameras=tuple(json.loads(f.attrs["cameras"])))
         episodes = f["episodes"]
-        self.starts = episodes["start"][:].astype(np.int64)
-        self.lengths = episodes["length"][:].astype(np.int64)
-        self.seeds = episodes["seed"][:].astype(np.int64)
-        self.success = episodes["success"][:].astype(bool)
-        self.instructions = [s.decode() for s in episodes["instruction"][:]]
-        self.policies = [s.decode() for s in episodes["policy"][:]]
-        self._tasks = episodes["task"][:]
+        n_eps = _complete_rows(episodes)
+        self.starts = episodes["start"][:n_eps].astype(np.int64)
+        self.lengths = episodes["length"][:n_eps].astype(np.int64)
+        self.seeds = episodes["seed"][:n_eps].astype(np.int64)
+        self.success = episodes["success"][:n_eps].astype(bool)
+        self.instructions = [s.decode() for s in episodes["instruction"][:n_eps]]
+        self.policies = [s.decode() for s in episodes["policy"][:n_eps]]
+        self._tasks = episodes["task"][:n_eps]
         n_frames = int(self.starts[-1] + self.lengths[-1] + 1) if len(self.starts) else 0
         frames = f["frames"]
         if frames["pixels"].shape[0] < n_frames:
@@ -296,12 +297,21 @@ def _open_for_append(path: Path) -> h5py.File:
     return f
 
 
+def _complete_rows(episodes: h5py.Group) -> int:
+    """Rows present in every column of the episode table.
+
+    The writer grows the columns one after another, so a reader (or a crash) can catch the table
+    with a row in some columns only; that row is not committed yet.
+    """
+    return min(ds.shape[0] for ds in episodes.values())
+
+
 def _recover(path: Path) -> None:
     """Rewrite a file whose writer died, keeping exactly its complete episodes."""
     tmp = path.with_name(path.name + ".recovering")
     with h5py.File(path, "r", libver="latest", swmr=True) as src, h5py.File(tmp, "w", libver="latest") as dst:
-        n_eps = src["episodes/start"].shape[0]
-        n_frames = int(src["episodes/start"][-1] + src["episodes/length"][-1] + 1) if n_eps else 0
+        n_eps = _complete_rows(src["episodes"])
+        n_frames = int(src["episodes/start"][n_eps - 1] + src["episodes/length"][n_eps - 1] + 1) if n_eps else 0
         dst.attrs.update(dict(src.attrs))
 
         def copy(name, obj):

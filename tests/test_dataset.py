@@ -57,6 +57,16 @@ def test_round_trip_is_exact_and_stats_are_stored(tmp_path):
         np.testing.assert_allclose(ds.stats["state"]["std"], states.std(0), rtol=1e-4)
 
 
+def test_a_row_caught_half_written_is_not_an_episode_yet(tmp_path):
+    # The writer grows the episode table column by column; a reader in between must not count the row.
+    write(tmp_path / "d.h5", [fake_episode(s, 5) for s in range(2)])
+    with h5py.File(tmp_path / "d.h5", "r+") as f:
+        f["episodes/start"].resize(3, axis=0)
+        f["episodes/start"][2] = 12
+    with EpisodeDataset(tmp_path / "d.h5") as ds:
+        assert len(ds) == 2 and list(ds.seeds) == [0, 1] and len(ds.instructions) == 2
+
+
 def test_windows_are_the_right_slices_of_their_episodes(tmp_path):
     write(tmp_path / "d.h5", [fake_episode(s, 20 + 3 * s) for s in range(4)])
     ds = EpisodeDataset(tmp_path / "d.h5", load=True)
