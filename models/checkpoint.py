@@ -117,6 +117,24 @@ def load_into(modules: Modules, state: Mapping[str, torch.Tensor],
     return missing, unexpected
 
 
+def load_model(directory: str | os.PathLike, kind: str, build: Callable[[dict], torch.nn.Module]) -> torch.nn.Module:
+    """Rebuild a model saved as `save_checkpoint(directory, {kind: model}, {"kind": kind, "model": cfg})`.
+
+    `build` maps the saved model config (a dict) to a fresh module; the weights are then loaded
+    strictly and the module returned in eval mode.
+    """
+    state, config = load_checkpoint(directory)
+    if config.get("kind") != kind:
+        raise CheckpointError(f"{directory} holds a {config.get('kind')!r} checkpoint, not a {kind!r} one")
+    try:
+        model = build(dict(config["model"]))
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{directory}/config.json does not describe a {kind} this code can build ({e}); "
+                              "was it written by another version of Foresight?") from e
+    load_into({kind: model}, state)
+    return model.eval()
+
+
 # ----------------------------------------------------------------------------- training state
 
 @dataclass

@@ -5,14 +5,13 @@ latent after each action chunk, conditioned on the instruction.
     ẑ_{k+1}  = g_φ(ẑ_{k-h+1..k}, a_k, ℓ)   for k = 0..H-1     [B, D]
 
 The predictor is built for the planner's budget (thousands of candidates per replan on two CPU
-cores), so it is a stack of residual MLP blocks, not a transformer. Conditioning is AdaLN-zero:
-each block's shift, scale and gate come from the instruction (computed once per rollout and
-shared by every candidate) plus a small per-candidate action embedding, and start at zero so
-an untrained block is the identity. The output is a residual on the latest latent.
+cores), so it is a stack of residual MLP blocks, not a transformer, and everything that does not
+depend on the candidate (the instruction's conditioning) is computed once per rollout.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -32,27 +31,36 @@ class WorldModelConfig:
     history: int = 2  # h: latents the predictor sees
     latent_dim: int = 128  # D
     encoder: str = "cnn"  # "cnn" or "vit"
-    width: int = 256  # predictor width
-    blocks: int = 2
-    cond_dim: int = 64
+    # The predictor is sized for the planner's budget (foresight-bench world_model): about
+    # 0.5 MFLOP per imagined chunk-step.
+    width: int = 128
+    blocks: int = 3
+    mlp_ratio: int = 2
+    cond_dim: int = 128
     use_language: bool = True  # off for the ablation
+    ema_target: bool = False  # an EMA copy of the encoder gives the targets (else the encoder, stop-grad)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class CNNEncoder(nn.Module):
-    """64x64 RGB (per camera) and the state vector -> a latent of width D."""
+    """RGB (per camera, stacked as channels) and the state vector -> a latent of width D.
+
+    A 4x4 stride-4 stem (patchify) and two stride-2 convolutions: 64x64 -> 4x4x128. Starting with
+    a stride-2 convolution at full resolution costs five times more for little gain here.
+    """
 
     def __init__(self, cfg: WorldModelConfig):
         super().__init__()
-        chans = (3 * cfg.cameras, 32, 64, 128, 128)
-        layers = []
-        for cin, cout in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.GroupNorm(8, cout), nn.GELU()]
-        self.conv = nn.Sequential(*layers)
+        if cfg.image_size % 16:
+            raise ValueError(f"the cnn encoder needs an image size divisible by 16, got {cfg.image_size}")
+        self.conv = nn.Sequential(
+            nn.Conv2d(3 * cfg.cameras, 32, 4, stride=4), nn.GroupNorm(8, 32), nn.SiLU(),
+            nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.GroupNorm(8, 64), nn.SiLU(),
+            nn.Conv2d(64, 128, 4, stride=2, padding=1), nn.GroupNorm(8, 128), nn.SiLU())
         side = cfg.image_size // 16
-        self.proj = nn.Sequential(nn.Linear(128 * side * side + cfg.state_dim, 512), nn.GELU(),
+        self.proj = nn.Sequential(nn.Linear(128 * side * side + cfg.state_dim, 512), nn.SiLU(),
                                   nn.Linear(512, cfg.latent_dim))
 
     def forward(self, pixels: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
@@ -84,48 +92,50 @@ class ViTEncoder(nn.Module):
 
 
 class AdaLNBlock(nn.Module):
-    """x + gate(c) * MLP(LN(x) * (1 + scale(c)) + shift(c)), with the modulation zero-initialised."""
+    """x + gate * MLP(LN(x) * (1 + scale) + shift); shift, scale and gate come from the condition."""
 
-    def __init__(self, width: int, cond_dim: int):
+    def __init__(self, width: int, hidden: int):
         super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=False)
-        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
-        self.modulation = nn.Linear(cond_dim, 3 * width)
-        nn.init.zeros_(self.modulation.weight)
-        nn.init.zeros_(self.modulation.bias)
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.modulation(cond).chunk(3, dim=-1)
-        return x + gate * self.mlp(self.norm(x) * (1 + scale) + shift)
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        h = F.layer_norm(x, x.shape[-1:]) * (1 + scale) + shift
+        return x + gate * self.fc2(F.silu(self.fc1(h)))
 
 
 class Predictor(nn.Module):
-    """g_φ: (history of latents, one action chunk, instruction) -> the next latent."""
+    """g_φ: (history of latents, one action chunk, instruction) -> the next latent.
+
+    The action chunk enters with the history through the input layer (it differs per candidate);
+    the instruction modulates every block by AdaLN-zero (it is the same for every candidate, so its
+    shift/scale/gate are computed once per rollout and broadcast). The modulation starts at zero,
+    so an untrained block is the identity. The output is a residual on the latest latent.
+    """
 
     def __init__(self, cfg: WorldModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.inp = nn.Linear(cfg.history * cfg.latent_dim, cfg.width)
-        self.action = nn.Sequential(nn.Linear(cfg.chunk * cfg.action_dim, cfg.cond_dim), nn.SiLU(),
-                                    nn.Linear(cfg.cond_dim, cfg.cond_dim))
-        self.language = nn.Sequential(nn.Linear(LANG_DIM, cfg.cond_dim), nn.SiLU(),
-                                      nn.Linear(cfg.cond_dim, cfg.cond_dim))
-        self.blocks = nn.ModuleList(AdaLNBlock(cfg.width, cfg.cond_dim) for _ in range(cfg.blocks))
-        self.out = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, cfg.latent_dim))
+        self.inp = nn.Linear(cfg.history * cfg.latent_dim + cfg.chunk * cfg.action_dim, cfg.width)
+        self.language = nn.Sequential(nn.Linear(LANG_DIM, cfg.cond_dim), nn.SiLU())
+        self.modulation = nn.Linear(cfg.cond_dim, 3 * cfg.width * (cfg.blocks + 1))
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+        self.blocks = nn.ModuleList(AdaLNBlock(cfg.width, cfg.mlp_ratio * cfg.width) for _ in range(cfg.blocks))
+        self.out = nn.Linear(cfg.width, cfg.latent_dim)
 
     def language_condition(self, lang: torch.Tensor) -> torch.Tensor:
-        """[B, L] -> [B, C]; zeros when language conditioning is off (the ablation)."""
-        if not self.cfg.use_language:
-            return torch.zeros(lang.shape[0], self.cfg.cond_dim, dtype=lang.dtype, device=lang.device)
-        return self.language(lang)
+        """[B, L] -> the modulation of every block [B, blocks + 1, 3, W]; without language (the
+        ablation) a learned constant, the same for every instruction."""
+        cond = self.language(lang) if self.cfg.use_language else self.language(torch.zeros_like(lang))
+        return self.modulation(cond).view(len(lang), self.cfg.blocks + 1, 3, self.cfg.width)
 
     def step(self, history: torch.Tensor, chunk: torch.Tensor, lang_cond: torch.Tensor) -> torch.Tensor:
-        """history [B, h, D], chunk [B, K, A], lang_cond [B, C] (or [1, C]) -> next latent [B, D]."""
-        cond = F.silu(self.action(chunk.flatten(1)) + lang_cond)
-        x = self.inp(history.flatten(1))
-        for block in self.blocks:
-            x = block(x, cond)
-        return history[:, -1] + self.out(x)
+        """history [B, h, D], chunk [B, K, A], lang_cond [B or 1, blocks + 1, 3, W] -> next latent [B, D]."""
+        x = self.inp(torch.cat([history.flatten(1), chunk.flatten(1)], dim=1))
+        for i, block in enumerate(self.blocks):
+            x = block(x, *lang_cond[:, i].unbind(1))
+        shift, scale, _ = lang_cond[:, -1].unbind(1)  # the head's modulation (its gate is unused)
+        return history[:, -1] + self.out(F.layer_norm(x, x.shape[-1:]) * (1 + scale) + shift)
 
 
 class WorldModel(nn.Module):
@@ -138,12 +148,34 @@ class WorldModel(nn.Module):
         self.cfg = cfg
         self.encoder = CNNEncoder(cfg) if cfg.encoder == "cnn" else ViTEncoder(cfg)
         self.predictor = Predictor(cfg)
+        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False) if cfg.ema_target else None
+
+    @classmethod
+    def load(cls, directory) -> "WorldModel":
+        """The world model `foresight-train target=world_model` saved in `directory`, in eval mode."""
+        from .checkpoint import load_model
+        return load_model(directory, "world_model", lambda c: cls(WorldModelConfig(**c)))
 
     def encode(self, pixels: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """pixels uint8 [B, T, V, H, W, 3], state [B, T, P] -> latents [B, T, D]."""
         b, t = pixels.shape[:2]
         z = self.encoder(pixels.flatten(0, 1), state.flatten(0, 1))
         return z.view(b, t, -1)
+
+    @torch.no_grad()
+    def encode_target(self, pixels: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """The latents the predictor is trained to reach, sg[f̄(o)]: [B, T, D]. Goals live here."""
+        if self.target_encoder is None:
+            return self.encode(pixels, state)
+        b, t = pixels.shape[:2]
+        return self.target_encoder(pixels.flatten(0, 1), state.flatten(0, 1)).view(b, t, -1)
+
+    @torch.no_grad()
+    def update_target(self, decay: float) -> None:
+        """After an optimizer step: f̄ ← decay·f̄ + (1 − decay)·f (no-op without an EMA target)."""
+        if self.target_encoder is not None:
+            for t, o in zip(self.target_encoder.parameters(), self.encoder.parameters()):
+                t.lerp_(o, 1.0 - decay)
 
     def rollout(self, z_hist: torch.Tensor, chunks: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
         """Imagine H chunks ahead, autoregressively.

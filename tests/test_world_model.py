@@ -28,17 +28,18 @@ def test_encode_and_rollout_shapes():
 def test_untrained_predictor_is_the_identity_thanks_to_adaln_zero():
     wm = make()
     z = torch.randn(5, 2, 128)
-    out = wm.rollout(z, torch.randn(5, 3, 8, 2), torch.randn(5, 384))
+    chunks = torch.randn(5, 3, 8, 2)
+    out = wm.rollout(z, chunks, torch.randn(5, 384))
     # Every block's gate starts at zero, so only the output head moves the latent.
-    head = wm.predictor.out(wm.predictor.inp(z.flatten(1)))
-    torch.testing.assert_close(out[:, 0], z[:, -1] + head)
+    p = wm.predictor
+    x = p.inp(torch.cat([z.flatten(1), chunks[:, 0].flatten(1)], 1))
+    torch.testing.assert_close(out[:, 0], z[:, -1] + p.out(torch.nn.functional.layer_norm(x, x.shape[-1:])))
 
 
 def test_language_switch_changes_the_prediction_only_when_on():
     for use_language, should_differ in ((True, True), (False, False)):
         wm = make(use_language=use_language)
-        for block in wm.predictor.blocks:  # give the modulation some weight
-            torch.nn.init.normal_(block.modulation.weight, std=0.1)
+        torch.nn.init.normal_(wm.predictor.modulation.weight, std=0.1)  # give the modulation some weight
         z, chunks = torch.randn(4, 2, 128), torch.randn(4, 2, 8, 2)
         a = wm.rollout(z, chunks, torch.randn(1, 384))
         b = wm.rollout(z, chunks, torch.randn(1, 384))
@@ -47,8 +48,7 @@ def test_language_switch_changes_the_prediction_only_when_on():
 
 def test_prediction_for_step_one_ignores_later_actions_and_frames():
     wm = make()
-    for block in wm.predictor.blocks:
-        torch.nn.init.normal_(block.modulation.weight, std=0.1)
+    torch.nn.init.normal_(wm.predictor.modulation.weight, std=0.1)
     pixels, state = batch(t=2)
     z = wm.encode(pixels, state)
     chunks = torch.randn(3, 4, 8, 2)

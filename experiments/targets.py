@@ -1,0 +1,203 @@
+"""What `foresight-train` can train. A target builds its modules from the config and the data:
+
+    modules    {name: nn.Module}, what the checkpoint holds
+    objective  nn.Module whose forward(**batch, generator=...) returns a dict with "loss"
+    batch(rng, size) -> the objective's keyword arguments (tensors), drawn with `rng`
+    after_step()      called after each optimizer step (EMA updates)
+    evaluate()        -> {metric: float} on the held-out data
+    config()          -> what config.json records
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from envs.dataset import EpisodeDataset, WindowSampler
+from models import WorldModel, WorldModelConfig, get_instruction_encoder
+from models.goal import GoalModel, GoalModelConfig
+from models.objectives import WorldModelLossConfig, WorldModelObjective
+
+
+def make_target(cfg: DictConfig):
+    targets = {"world_model": WorldModelTarget, "goal": GoalTarget}
+    if cfg.target.name not in targets:
+        raise ValueError(f"unknown target {cfg.target.name!r}; choose one of {', '.join(targets)}")
+    return targets[cfg.target.name](cfg)
+
+
+def open_dataset(path: str) -> EpisodeDataset:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no dataset at {path}; collect one first, e.g. "
+                                f"foresight-collect episodes=1000 policy=mixture out={path}")
+    return EpisodeDataset(path, load=True)
+
+
+def instruction_table(ds: EpisodeDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per episode: the instruction embedding [E, L] and an id per distinct text [E]."""
+    texts = sorted(set(ds.instructions))
+    emb = get_instruction_encoder().encode(texts)
+    ids = torch.tensor([texts.index(s) for s in ds.instructions])
+    return emb[ids], ids
+
+
+def _build(seed: int, make):
+    """Build modules from `seed` alone (every rank gets the same initial weights)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return make()
+
+
+class WorldModelTarget:
+    def __init__(self, cfg: DictConfig):
+        t = cfg.target
+        self.cfg = cfg
+        self.train_ds, self.eval_ds = open_dataset(cfg.data), open_dataset(cfg.eval_data)
+        _, views, height, width, _ = self.train_ds.frames["pixels"].shape
+        if height != width:
+            raise ValueError(f"the world model wants square frames; {cfg.data} has {height}x{width}")
+        self.loss_cfg = WorldModelLossConfig(**t.loss)
+        self.model_cfg = WorldModelConfig(
+            **t.model, image_size=height, cameras=views, state_dim=self.train_ds.frames["state"].shape[1],
+            action_dim=self.train_ds.frames["action"].shape[1], ema_target=self.loss_cfg.regularizer == "ema")
+        self.model = _build(cfg.seed, lambda: WorldModel(self.model_cfg))
+        self.objective = WorldModelObjective(self.model, self.loss_cfg)
+        self.modules = {"world_model": self.model}
+        k, h = self.model_cfg.chunk, self.model_cfg.history
+        self.sampler = WindowSampler(self.train_ds, history=h, horizon=t.horizon, chunk=k, stride=k)
+        self.lang, _ = instruction_table(self.train_ds)
+        eval_sampler = WindowSampler(self.eval_ds, history=h, horizon=t.horizon, chunk=k, stride=k)
+        self.eval_windows = eval_sampler.sample(np.random.default_rng(0), t.eval_windows)
+        self.eval_lang, _ = instruction_table(self.eval_ds)
+
+    def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
+        return window_tensors(self.sampler.sample(rng, size), self.lang)
+
+    def after_step(self) -> None:
+        self.objective.after_step()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Open-loop latent error per horizon on held-out windows, beside the copy-last baseline."""
+        errors = rollout_errors(self.model, window_tensors(self.eval_windows, self.eval_lang))
+        out = {}
+        for k, (model_err, copy_err) in enumerate(zip(*errors), 1):
+            out[f"rollout_h{k}"], out[f"copy_last_h{k}"] = model_err, copy_err
+            out[f"ratio_h{k}"] = model_err / copy_err
+        return out
+
+    def config(self) -> dict:
+        return {"kind": "world_model", "model": self.model_cfg.to_dict(), "loss": self.loss_cfg.to_dict(),
+                "train": OmegaConf.to_container(self.cfg.target), "data": str(self.cfg.data),
+                "seed": self.cfg.seed}
+
+
+def window_tensors(w, lang_table: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"pixels": torch.from_numpy(w.pixels), "state": torch.from_numpy(w.state),
+            "actions": torch.from_numpy(w.actions), "future_pixels": torch.from_numpy(w.future_pixels),
+            "future_state": torch.from_numpy(w.future_state), "lang": lang_table[torch.from_numpy(w.episode)]}
+
+
+@torch.no_grad()
+def rollout_errors(model: WorldModel, batch: dict[str, torch.Tensor], chunk: int = 128) -> tuple[list, list]:
+    """Mean squared latent error per horizon of the open-loop rollout and of copying the last latent,
+    against the target latents of the frames after each chunk."""
+    sums_model, sums_copy, n = 0.0, 0.0, 0
+    for lo in range(0, len(batch["pixels"]), chunk):
+        b = {k: v[lo:lo + chunk] for k, v in batch.items()}
+        z = model.encode(b["pixels"], b["state"])
+        target = model.encode_target(b["future_pixels"], b["future_state"])
+        pred = model.rollout(z, b["actions"], b["lang"])
+        sums_model = sums_model + ((pred - target) ** 2).mean(-1).sum(0)
+        sums_copy = sums_copy + ((z[:, -1:] - target) ** 2).mean(-1).sum(0)
+        n += len(z)
+    return (sums_model / n).tolist(), (sums_copy / n).tolist()
+
+
+class GoalTarget:
+    """The goal model and language critic, on latents of the frozen world model's target encoder."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        world_model = WorldModel.load(cfg.world_model)
+        self.model_cfg = GoalModelConfig(**cfg.target.model, latent_dim=world_model.cfg.latent_dim)
+        self.model = _build(cfg.seed, lambda: GoalModel(self.model_cfg))
+        self.objective, self.modules = self.model, {"goal": self.model}
+        self.train = SuccessfulEpisodes(world_model, open_dataset(cfg.data))
+        self.eval = SuccessfulEpisodes(world_model, open_dataset(cfg.eval_data))
+
+    def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
+        e = rng.integers(len(self.train), size=size)
+        t = (rng.random(size) * self.train.lengths[e]).astype(np.int64)  # any frame before the last
+        return self.train.batch(e, t)
+
+    def after_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        return goal_metrics(self.model, self.eval)
+
+    def config(self) -> dict:
+        return {"kind": "goal", "model": self.model_cfg.to_dict(), "train": OmegaConf.to_container(self.cfg.target),
+                "data": str(self.cfg.data), "world_model": str(self.cfg.world_model), "seed": self.cfg.seed}
+
+
+class SuccessfulEpisodes:
+    """Target latents of every frame of a dataset's successful episodes, with their instructions."""
+
+    def __init__(self, world_model: WorldModel, ds: EpisodeDataset, batch: int = 256):
+        keep = np.flatnonzero(ds.success)
+        if len(keep) < 2:
+            raise ValueError(f"{ds.path} has {len(keep)} successful episodes; the goal model needs more")
+        lang, ids = instruction_table(ds)
+        self.lang, self.ids = lang[keep], ids[keep]
+        self.lengths = ds.lengths[keep]
+        frames = np.concatenate([np.arange(ds.starts[i], ds.starts[i] + ds.lengths[i] + 1) for i in keep])
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths + 1)[:-1]])
+        pixels, state = ds.frames["pixels"], ds.frames["state"]
+        with torch.no_grad():
+            self.z = torch.cat([world_model.encode_target(torch.from_numpy(pixels[frames[i:i + batch]])[None],
+                                                          torch.from_numpy(state[frames[i:i + batch]])[None])[0]
+                                for i in range(0, len(frames), batch)])
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, e: np.ndarray, t: np.ndarray) -> dict[str, torch.Tensor]:
+        """Episodes `e` (indices among the successful ones) at frames `t`."""
+        return {"lang": self.lang[e], "instruction_ids": self.ids[e],
+                "z_now": self.z[self.offsets[e] + t], "z_final": self.z[self.offsets[e] + self.lengths[e]]}
+
+
+@torch.no_grad()
+def goal_metrics(model: GoalModel, episodes: SuccessfulEpisodes) -> dict[str, float]:
+    """From each episode's first frame: is G(ℓ, z_0) nearer its own final latent than those of
+    episodes with other instructions (share of such pairs, and of episodes where it beats all of
+    them)? z_0 itself as the goal is the baseline. Also the critic: does it pick the episode's own
+    instruction for the final latent, and score the final state above the first?"""
+    e = np.arange(len(episodes))
+    b = episodes.batch(e, np.zeros_like(e))
+    other = b["instruction_ids"][:, None] != b["instruction_ids"][None, :]
+
+    def retrieval(goal):
+        d = torch.cdist(goal, b["z_final"]) ** 2
+        own = d.diagonal()[:, None]
+        wins = (own < d) & other
+        return ((wins.sum(1) / other.sum(1).clamp(min=1)).mean().item(),
+                (wins.sum(1) == other.sum(1)).float().mean().item())
+
+    pairwise, top1 = retrieval(model.goal(b["lang"], b["z_now"]))
+    pairwise_copy, _ = retrieval(b["z_now"])
+    texts = torch.unique(b["instruction_ids"])
+    first = {int(i): int(np.flatnonzero(b["instruction_ids"].numpy() == int(i))[0]) for i in texts}
+    lang_of_text = b["lang"][[first[int(i)] for i in texts]]
+    scores = torch.stack([model.score(b["z_final"], lang_of_text[j:j + 1]) for j in range(len(texts))], 1)
+    critic_top1 = (texts[scores.argmax(1)] == b["instruction_ids"]).float().mean().item()
+    order = (model.score(b["z_final"], b["lang"]) > model.score(b["z_now"], b["lang"])).float().mean().item()
+    return {"goal_mse": torch.nn.functional.mse_loss(model.goal(b["lang"], b["z_now"]), b["z_final"]).item(),
+            "retrieval_pairwise": pairwise, "retrieval_top1": top1, "retrieval_pairwise_copy_z0": pairwise_copy,
+            "critic_instruction_top1": critic_top1, "critic_final_above_first": order, "episodes": float(len(e))}

@@ -1,0 +1,105 @@
+"""foresight-train: a tiny world model and goal model on real episodes; resume after a kill gives
+the same losses; torchrun with 2 processes; the collapse the regulariser prevents."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from experiments.common import CONFIG_DIR
+from experiments.train import train
+from models import WorldModel
+from models.goal import GoalModel
+
+COMMON = ["target.batch=8", "target.warmup=2", "log_every=1", "threads=1"]
+TINY = [*COMMON, "target.model.latent_dim=16", "target.model.width=32", "target.model.blocks=1",
+        "target.model.cond_dim=16", "target.horizon=2", "target.eval_windows=16"]
+
+
+def config(tmp_path, data, *overrides, tiny=TINY):
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=[f"data={data}", f"eval_data={data}", f"target.out={tmp_path}/out",
+                                           *tiny, *overrides])
+
+
+def metrics(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def losses(path):
+    return [(m["step"], m["loss"], m["multistep"]) for m in metrics(path) if "loss" in m]
+
+
+def test_world_model_trains_evaluates_and_loads(tmp_path, tiny_dataset):
+    cfg = config(tmp_path, tiny_dataset, "target.steps=40", "target.eval_every=40", "target.checkpoint_every=20")
+    final = train(cfg, tmp_path / "run")
+    assert {"rollout_h1", "copy_last_h1", "ratio_h2"} <= set(final)
+    logged = metrics(tmp_path / "run/metrics.jsonl")
+    train_lines = [m for m in logged if "loss" in m]
+    assert [m["step"] for m in train_lines] == list(range(1, 41))
+    assert {"sigreg", "onestep", "multistep", "latent_std", "effective_rank", "lr"} <= set(train_lines[0])
+    assert train_lines[-1]["multistep"] < train_lines[0]["multistep"]
+    model = WorldModel.load(tmp_path / "out")
+    assert model.cfg.image_size == 32 and model.cfg.latent_dim == 16
+    z = model.encode(torch.zeros(1, 2, 1, 32, 32, 3, dtype=torch.uint8), torch.zeros(1, 2, 4))
+    assert model.rollout(z, torch.zeros(1, 3, 8, 2), torch.zeros(1, 384)).shape == (1, 3, 16)
+
+
+def test_goal_model_trains_on_the_frozen_world_model(tmp_path, tiny_dataset):
+    train(config(tmp_path / "wm", tiny_dataset, "target.steps=5"), tmp_path / "wm_run")
+    cfg = config(tmp_path, tiny_dataset, "target=goal", f"world_model={tmp_path}/wm/out", "target.steps=30",
+                 "target.model.width=32", tiny=COMMON)
+    final = train(cfg, tmp_path / "run")
+    assert 0 <= final["retrieval_pairwise"] <= 1 and final["episodes"] >= 2
+    goal = GoalModel.load(tmp_path / "out")
+    assert goal.goal(torch.zeros(2, 384), torch.zeros(2, 16)).shape == (2, 16)
+
+
+def _train_cli(tmp_path, data, run, *overrides, **popen):
+    args = [f"data={data}", f"eval_data={data}", f"target.out={tmp_path}/out", f"hydra.run.dir={run}", *TINY, *overrides]
+    return subprocess.Popen([sys.executable, "-m", "experiments.train", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_resume_after_a_kill_logs_the_same_losses(tmp_path, tiny_dataset):
+    args = ("target.steps=300", "target.checkpoint_every=10", "target.eval_every=1000")
+    assert _train_cli(tmp_path, tiny_dataset, tmp_path / "a", *args).wait() == 0
+    proc = _train_cli(tmp_path, tiny_dataset, tmp_path / "b", *args, start_new_session=True)
+    state = tmp_path / "b/checkpoint/training_state.json"
+    while not state.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["step"]
+    assert killed_at < 300, "the run finished before it could be killed"
+    resumed = _train_cli(tmp_path, tiny_dataset, tmp_path / "b", *args)
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert losses(tmp_path / "b/metrics.jsonl") == losses(tmp_path / "a/metrics.jsonl")
+
+
+def test_torchrun_with_two_processes(tmp_path, tiny_dataset):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = [f"data={tiny_dataset}", f"eval_data={tiny_dataset}", f"target.out={tmp_path}/out",
+            f"hydra.run.dir={tmp_path}/run", *TINY, "target.steps=6", "target.eval_every=6"]
+    done = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "experiments.train", *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [m["step"] for m in metrics(tmp_path / "run/metrics.jsonl") if "loss" in m] == list(range(1, 7))
+    assert all(torch.isfinite(p).all() for p in WorldModel.load(tmp_path / "out").parameters())
+
+
+def test_without_a_regulariser_the_latents_collapse(tmp_path, tiny_dataset):
+    std = {}
+    for regularizer in ("none", "sigreg"):
+        cfg = config(tmp_path / regularizer, tiny_dataset, "target.steps=100", "target.batch=32",
+                     "target.eval_every=1000", "target.lr=3e-3", f"target.loss.regularizer={regularizer}")
+        train(cfg, tmp_path / regularizer / "run")
+        logged = [m["latent_std"] for m in metrics(tmp_path / regularizer / "run/metrics.jsonl") if "latent_std" in m]
+        std[regularizer] = sum(logged[-20:]) / 20
+    assert std["none"] < 0.25 * std["sigreg"] and std["sigreg"] > 0.5, std
