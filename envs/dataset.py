@@ -217,10 +217,12 @@ class WindowSampler:
 
     A window at frame t of an episode needs `history` frames ending at t, `stride` frames apart
     (a world model whose history is one latent per chunk wants stride = chunk), and `horizon`
-    chunks of `chunk` actions after it, all inside the episode.
+    chunks of `chunk` actions after it, all inside the episode. `episodes` (indices) restricts the
+    windows to those episodes (say, the successful expert ones).
     """
 
-    def __init__(self, dataset: EpisodeDataset, history: int, horizon: int, chunk: int, stride: int = 1):
+    def __init__(self, dataset: EpisodeDataset, history: int, horizon: int, chunk: int, stride: int = 1,
+                 episodes: np.ndarray | None = None):
         if min(history, horizon, chunk, stride) < 1:
             raise ValueError(f"history, horizon, chunk and stride must be >= 1, got "
                              f"{history}, {horizon}, {chunk}, {stride}")
@@ -231,6 +233,8 @@ class WindowSampler:
         # Every valid (episode, t): t >= (history - 1) * stride and t + span <= length.
         first, last = (history - 1) * stride, dataset.lengths - span
         counts = np.clip(last - first + 1, 0, None)
+        if episodes is not None:
+            counts[np.setdiff1d(np.arange(len(dataset)), episodes)] = 0
         if counts.sum() == 0:
             raise ValueError(f"no episode is long enough for history {history} + {horizon} chunks of {chunk} "
                              f"actions (longest: {dataset.lengths.max() if len(dataset) else 0} actions)")

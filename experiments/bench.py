@@ -4,9 +4,10 @@
     foresight-bench env --repeats 10 --out outputs/bench/env.json
     foresight-bench env --env-id foresight/MetaWorld-reach-v3-v0 --steps 300
     foresight-bench data                # training windows/s from a cached 64x64 dataset
+    foresight-bench world_model         # imagined chunk-steps/s for 1024 candidates x H=4, training speed
 
 Each suite runs `--repeats` times; the table and the JSON give min/median/max per metric.
-Later issues add suites (data, world_model, vla, planner) to SUITES.
+Later issues add suites (vla, planner) to SUITES.
 """
 
 from __future__ import annotations
@@ -97,10 +98,81 @@ def bench_data(args) -> dict[str, tuple[float, str]]:
             "frames": (frames, "frames"), "file_mb": (os.path.getsize(DATA_CACHE) / 1e6, "MB")}
 
 
+def bench_world_model(args) -> dict[str, tuple[float, str]]:
+    """One repeat of the world-model suite: imagined chunk-steps/s for the planner's batch, its FLOPs
+    beside the measured matmul peak, encoding latency, and training windows/s with peak memory."""
+    import resource
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models import WorldModel, WorldModelConfig
+    from models.objectives import WorldModelLossConfig, WorldModelObjective
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    model = (WorldModel.load(args.checkpoint) if os.path.exists(args.checkpoint)
+             else WorldModel(WorldModelConfig())).eval()
+    cfg, m, h = model.cfg, args.candidates, args.plan_horizon
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(m, cfg.history, cfg.latent_dim, generator=g)
+    chunks = torch.rand(m, h, cfg.chunk, cfg.action_dim, generator=g) * 2 - 1
+    lang = torch.randn(1, 384, generator=g)
+    out: dict[str, tuple[float, str]] = {}
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            model.rollout(z, chunks, lang)
+        flops_per_step = counter.get_total_flops() / (m * h)
+        seconds = _median_time(lambda: model.rollout(z, chunks, lang), args.min_time)
+        a = torch.randn(2048, 2048, generator=g)
+        peak = 2 * 2048 ** 3 / _median_time(lambda: a @ a, args.min_time)
+        frame = torch.randint(0, 256, (1, cfg.history, cfg.cameras, cfg.image_size, cfg.image_size, 3),
+                              dtype=torch.uint8, generator=g)
+        state = torch.zeros(1, cfg.history, cfg.state_dim)
+        encode_ms = _median_time(lambda: model.encode(frame, state), args.min_time) * 1e3
+    out["chunk_steps_per_s"] = (m * h / seconds, "chunk-steps/s")
+    out["rollout_ms"] = (seconds * 1e3, f"ms for {m}x{h}")
+    out["flops_per_chunk_step"] = (flops_per_step, "FLOP")
+    out["matmul_peak_gflops"] = (peak / 1e9, "GFLOP/s")
+    out["fraction_of_matmul_peak"] = (flops_per_step * m * h / seconds / peak, "")
+    out["encode_ms"] = (encode_ms, f"ms for {cfg.history} frames")
+
+    train_model = WorldModel(WorldModelConfig(**{**cfg.to_dict(), "ema_target": False})).train()
+    objective = WorldModelObjective(train_model, WorldModelLossConfig())
+    opt = torch.optim.AdamW(train_model.parameters(), lr=1e-4)
+    b, horizon = args.train_batch, args.horizon
+    px = lambda t: torch.randint(0, 256, (b, t, cfg.cameras, cfg.image_size, cfg.image_size, 3),  # noqa: E731
+                                 dtype=torch.uint8, generator=g)
+    batch = dict(pixels=px(cfg.history), state=torch.randn(b, cfg.history, cfg.state_dim, generator=g),
+                 actions=torch.rand(b, horizon, cfg.chunk, cfg.action_dim, generator=g) * 2 - 1,
+                 future_pixels=px(horizon), future_state=torch.randn(b, horizon, cfg.state_dim, generator=g),
+                 lang=torch.randn(b, 384, generator=g))
+
+    def step():
+        loss = objective(**batch, generator=g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out["train_windows_per_s"] = (b / _median_time(step, args.min_time), "windows/s")
+    out["peak_rss_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MB")
+    return out
+
+
+def _median_time(fn: Callable, min_time: float) -> float:
+    """Median seconds per call over at least `min_time` seconds, after two warm-up calls."""
+    fn(), fn()
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < min_time or len(times) < 3:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
 # suite name -> (function, default cores, what the issue asks of it)
 SUITES: dict[str, tuple[Callable, int, str]] = {
     "env": (bench_env, 1, "tabletop steps_per_s >= 500 with 64x64 rendering on one core"),
     "data": (bench_data, 2, "windows_per_s >= 20k at 64x64 from a cached file"),
+    "world_model": (bench_world_model, 2, "chunk_steps_per_s >= 200k for 1024 candidates x H=4 on 2 cores"),
 }
 
 
@@ -117,6 +189,12 @@ def main(argv=None) -> None:
     parser.add_argument("--history", type=int, default=2, help="data: history frames per window")
     parser.add_argument("--horizon", type=int, default=4, help="data: chunks per window")
     parser.add_argument("--chunk", type=int, default=8, help="data: actions per chunk")
+    parser.add_argument("--checkpoint", default="checkpoints/tabletop/world_model",
+                        help="world_model: the model timed (the default config if it does not exist)")
+    parser.add_argument("--candidates", type=int, default=1024, help="world_model: candidates per rollout")
+    parser.add_argument("--plan-horizon", type=int, default=4, help="world_model: chunks per rollout")
+    parser.add_argument("--train-batch", type=int, default=64, help="world_model: windows per training step")
+    parser.add_argument("--min-time", type=float, default=1.0, help="world_model: seconds per timing")
     parser.add_argument("--cores", type=int, default=None, help="CPU cores to pin to (default: the suite's)")
     parser.add_argument("--out", default=None, help="JSON path (default: outputs/bench/<suite>.json)")
     args = parser.parse_args(argv)

@@ -20,10 +20,11 @@ from envs.dataset import EpisodeDataset, WindowSampler
 from models import WorldModel, WorldModelConfig, get_instruction_encoder
 from models.goal import GoalModel, GoalModelConfig
 from models.objectives import WorldModelLossConfig, WorldModelObjective
+from models.vla import VLA, VLAConfig
 
 
 def make_target(cfg: DictConfig):
-    targets = {"world_model": WorldModelTarget, "goal": GoalTarget}
+    targets = {"world_model": WorldModelTarget, "goal": GoalTarget, "vla": VLATarget}
     if cfg.target.name not in targets:
         raise ValueError(f"unknown target {cfg.target.name!r}; choose one of {', '.join(targets)}")
     return targets[cfg.target.name](cfg)
@@ -201,3 +202,60 @@ def goal_metrics(model: GoalModel, episodes: SuccessfulEpisodes) -> dict[str, fl
     return {"goal_mse": torch.nn.functional.mse_loss(model.goal(b["lang"], b["z_now"]), b["z_final"]).item(),
             "retrieval_pairwise": pairwise, "retrieval_top1": top1, "retrieval_pairwise_copy_z0": pairwise_copy,
             "critic_instruction_top1": critic_top1, "critic_final_above_first": order, "episodes": float(len(e))}
+
+
+class VLATarget:
+    """The VLA, by conditional flow matching on the chunks of successful episodes of the chosen
+    policies (default: the clean expert); with `model.aux_weight` > 0 also the VLA-JEPA auxiliary,
+    whose targets are the frozen world model's latents of the frames after each future chunk."""
+
+    def __init__(self, cfg: DictConfig):
+        t = cfg.target
+        self.cfg = cfg
+        self.train_ds, self.eval_ds = open_dataset(cfg.data), open_dataset(cfg.eval_data)
+        _, views, height, _, _ = self.train_ds.frames["pixels"].shape
+        self.model_cfg = VLAConfig(**t.model, image_size=height, cameras=views,
+                                   state_dim=self.train_ds.frames["state"].shape[1],
+                                   action_dim=self.train_ds.frames["action"].shape[1])
+        self.model = _build(cfg.seed, lambda: VLA(self.model_cfg))
+        self.model.set_normalization(self.train_ds.stats)
+        self.objective, self.modules = self.model, {"vla": self.model}
+        self.world_model = WorldModel.load(cfg.world_model) if self.model_cfg.aux_weight > 0 else None
+        horizon = self.model_cfg.aux_horizon if self.world_model is not None else 1
+        self.samplers, self.langs = [], []
+        for ds in (self.train_ds, self.eval_ds):
+            keep = np.flatnonzero(ds.success & np.isin([p.split("(")[0] for p in ds.policies], list(t.policies)))
+            if len(keep) == 0:
+                raise ValueError(f"{ds.path} has no successful episodes of policies {list(t.policies)}")
+            self.samplers.append(WindowSampler(ds, history=1, horizon=horizon, chunk=self.model_cfg.chunk,
+                                               episodes=keep))
+            self.langs.append(instruction_table(ds)[0])
+        self.eval_batch = self._batch(1, np.random.default_rng(0), t.eval_windows)
+
+    def _batch(self, split: int, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
+        w = self.samplers[split].sample(rng, size)
+        out = {"pixels": torch.from_numpy(w.pixels[:, -1]), "state": torch.from_numpy(w.state[:, -1]),
+               "lang": self.langs[split][torch.from_numpy(w.episode)], "actions": torch.from_numpy(w.actions[:, 0])}
+        if self.world_model is not None:
+            out["future_latents"] = self.world_model.encode_target(torch.from_numpy(w.future_pixels),
+                                                                   torch.from_numpy(w.future_state))
+        return out
+
+    def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
+        return self._batch(0, rng, size)
+
+    def after_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out flow loss, and how far a sampled chunk lies from the expert's (mean |Δa|)."""
+        b = self.eval_batch
+        losses = self.model(**b, generator=torch.Generator().manual_seed(0))
+        sampled = self.model.sample_chunks(b, 1, torch.Generator().manual_seed(0))[:, 0]
+        return {**{k: float(v) for k, v in losses.items()},
+                "chunk_abs_error": float((sampled - b["actions"]).abs().mean())}
+
+    def config(self) -> dict:
+        return {"kind": "vla", "model": self.model_cfg.to_dict(), "train": OmegaConf.to_container(self.cfg.target),
+                "data": str(self.cfg.data), "seed": self.cfg.seed}

@@ -63,6 +63,17 @@ def test_bench_data_suite_builds_its_cached_dataset_then_samples(tmp_path):
     assert (tmp_path / "outputs" / "bench" / "data_tabletop.h5").exists()
 
 
+def test_bench_world_model_suite_times_rollouts_and_counts_their_flops(tmp_path):
+    out = tmp_path / "wm.json"
+    run(["foresight-bench", "world_model", "--repeats", "1", "--candidates", "32", "--train-batch", "2",
+         "--min-time", "0.01", "--checkpoint", "none", "--out", str(out)], tmp_path)
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["chunk_steps_per_s"]["median"] > 0 and metrics["train_windows_per_s"]["median"] > 0
+    # The default predictor's linear layers alone are ~0.5 MFLOP per imagined chunk-step.
+    assert 1e5 < metrics["flops_per_chunk_step"]["median"] < 1e7
+    assert 0 < metrics["fraction_of_matmul_peak"]["median"] < 2
+
+
 def test_bench_rejects_unknown_suites(tmp_path):
     result = run(["foresight-bench", "warp-drive"], tmp_path, check=False)
     assert result.returncode != 0 and "invalid choice" in result.stderr

@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from experiments.common import CONFIG_DIR
+from experiments.evaluate import evaluate, report
 from experiments.train import train
 from models import WorldModel
 from models.goal import GoalModel
@@ -59,6 +60,16 @@ def test_goal_model_trains_on_the_frozen_world_model(tmp_path, tiny_dataset):
     assert 0 <= final["retrieval_pairwise"] <= 1 and final["episodes"] >= 2
     goal = GoalModel.load(tmp_path / "out")
     assert goal.goal(torch.zeros(2, 384), torch.zeros(2, 16)).shape == (2, 16)
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        ecfg = compose("evaluate", overrides=[f"world_model={tmp_path}/wm/out", f"goal={tmp_path}/out",
+                                              f"data={tiny_dataset}", f"eval_data={tiny_dataset}", "max_horizon=2",
+                                              "windows=16", "probe_frames=200", "threads=1"])
+    results = evaluate(ecfg)
+    assert [r["horizon"] for r in results["rollout"]] == [1, 2]
+    assert [r["horizon"] for r in results["probe"]["imagined"]] == [1, 2]
+    assert 0 < results["probe"]["mean_error_m"] < 0.5 and 0 <= results["goal"]["retrieval_top1"] <= 1
+    assert "goal retrieval" in report(results)
 
 
 def _train_cli(tmp_path, data, run, *overrides, **popen):

