@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 # The CPU build of torch lies here on this project's machines; elsewhere pip uses its index.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
-.PHONY: install demo test bench experts clean
+.PHONY: install demo test bench experts train evaluate clean
 
 install: $(VENV)/.installed
 
@@ -25,8 +25,9 @@ demo: install
 	$(BIN)/foresight-experts episodes=1 video=true hydra.run.dir=outputs/demo
 	@echo "videos: outputs/demo/videos/"
 
+# Two test workers on two cores: one torch thread each, or they fight over the cores.
 test: install
-	$(BIN)/pytest -q -n 2
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n 2
 
 bench: install
 	$(BIN)/foresight-bench env
@@ -34,6 +35,19 @@ bench: install
 # The README's expert figures: 200 fresh-seed episodes per task family.
 experts: install
 	$(BIN)/foresight-experts episodes=200 hydra.run.dir=outputs/experts_200
+
+# The default recipe: data, then world model, goal model and VLA into checkpoints/tabletop/.
+train: install
+	$(BIN)/foresight-collect episodes=4000 policy=mixture out=data/tabletop.h5 hydra.run.dir=outputs/collect/train
+	$(BIN)/foresight-collect episodes=200 policy=mixture seed=900000 out=data/tabletop_eval.h5 hydra.run.dir=outputs/collect/eval
+	$(BIN)/foresight-train target=world_model
+	$(BIN)/foresight-train target=goal
+	$(BIN)/foresight-train target=vla
+	$(MAKE) evaluate
+
+# What the trained world model and goal model show on the held-out episodes.
+evaluate: install
+	$(BIN)/foresight-evaluate hydra.run.dir=outputs/evaluate/default
 
 clean:
 	rm -rf $(VENV) outputs
