@@ -67,14 +67,6 @@ def colour_positions(ds, frames: np.ndarray, episodes: np.ndarray) -> np.ndarray
     return out
 
 
-@torch.no_grad()
-def encode_frames(model, ds, frames: np.ndarray, batch: int = 512) -> np.ndarray:
-    px, st = ds.frames["pixels"], ds.frames["state"]
-    return torch.cat([model.encode_target(torch.from_numpy(px[frames[i:i + batch]])[None],
-                                          torch.from_numpy(st[frames[i:i + batch]])[None])[0]
-                      for i in range(0, len(frames), batch)]).numpy()
-
-
 def frames_of(ds, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     """n random (frame index, episode) pairs of a dataset."""
     episodes = rng.integers(len(ds), size=n)
@@ -85,8 +77,8 @@ def frames_of(ds, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndar
 def evaluate(cfg: DictConfig) -> dict:
     from envs.dataset import WindowSampler
     from envs.scene import TABLE_HALF
-    from experiments.targets import (SuccessfulEpisodes, goal_metrics, instruction_table, open_dataset,
-                                     rollout_errors, window_tensors)
+    from experiments.targets import (SuccessfulEpisodes, encode_frames, goal_metrics, instruction_table,
+                                     open_dataset, rollout_errors, window_tensors)
     from models import WorldModel
     from models.goal import GoalModel
 
@@ -101,29 +93,25 @@ def evaluate(cfg: DictConfig) -> dict:
     sampler = WindowSampler(eval_ds, history=h, horizon=cfg.max_horizon, chunk=k, stride=k)
     windows = sampler.sample(rng, cfg.windows)
     lang, _ = instruction_table(eval_ds)
-    model_err, copy_err = rollout_errors(model, window_tensors(windows, lang))
+    model_err, copy_err, imagined = rollout_errors(model, window_tensors(windows, lang))
     results["rollout"] = [{"horizon": i + 1, "model": m, "copy_last": c, "ratio": m / c}
                           for i, (m, c) in enumerate(zip(model_err, copy_err))]
 
     # 2. Linear probe on real latents, then on imagined ones.
     train_frames, train_eps = frames_of(train_ds, rng, cfg.probe_frames)
-    probe = PositionProbe(cfg.probe_alpha).fit(encode_frames(model, train_ds, train_frames),
+    probe = PositionProbe(cfg.probe_alpha).fit(encode_frames(model, train_ds, train_frames).numpy(),
                                                colour_positions(train_ds, train_frames, train_eps))
     eval_frames, eval_eps = frames_of(eval_ds, rng, cfg.probe_frames)
-    err = probe.errors(encode_frames(model, eval_ds, eval_frames), colour_positions(eval_ds, eval_frames, eval_eps))
+    err = probe.errors(encode_frames(model, eval_ds, eval_frames).numpy(),
+                       colour_positions(eval_ds, eval_frames, eval_eps))
     width = 2 * TABLE_HALF
     results["probe"] = {"mean_error_m": float(err.mean()), "mean_error_of_table_width": float(err.mean() / width),
                         "table_width_m": width}
-    batch = window_tensors(windows, lang)
-    with torch.no_grad():
-        imagined = torch.cat([model.rollout(model.encode(batch["pixels"][i:i + 256], batch["state"][i:i + 256]),
-                                            batch["actions"][i:i + 256], batch["lang"][i:i + 256])
-                              for i in range(0, len(windows.t), 256)]).numpy()
     now = eval_ds.starts[windows.episode] + windows.t
     per_horizon = []
     for j in range(cfg.max_horizon):
         xy = colour_positions(eval_ds, now + (j + 1) * k, windows.episode)
-        e = probe.errors(imagined[:, j], xy)
+        e = probe.errors(imagined[:, j].numpy(), xy)
         per_horizon.append({"horizon": j + 1, "mean_error_m": float(e.mean()),
                             "mean_error_of_table_width": float(e.mean() / width)})
     results["probe"]["imagined"] = per_horizon

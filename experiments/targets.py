@@ -83,9 +83,9 @@ class WorldModelTarget:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Open-loop latent error per horizon on held-out windows, beside the copy-last baseline."""
-        errors = rollout_errors(self.model, window_tensors(self.eval_windows, self.eval_lang))
+        model_errs, copy_errs, _ = rollout_errors(self.model, window_tensors(self.eval_windows, self.eval_lang))
         out = {}
-        for k, (model_err, copy_err) in enumerate(zip(*errors), 1):
+        for k, (model_err, copy_err) in enumerate(zip(model_errs, copy_errs), 1):
             out[f"rollout_h{k}"], out[f"copy_last_h{k}"] = model_err, copy_err
             out[f"ratio_h{k}"] = model_err / copy_err
         return out
@@ -103,10 +103,10 @@ def window_tensors(w, lang_table: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def rollout_errors(model: WorldModel, batch: dict[str, torch.Tensor], chunk: int = 128) -> tuple[list, list]:
+def rollout_errors(model: WorldModel, batch: dict[str, torch.Tensor], chunk: int = 128) -> tuple[list, list, torch.Tensor]:
     """Mean squared latent error per horizon of the open-loop rollout and of copying the last latent,
-    against the target latents of the frames after each chunk."""
-    sums_model, sums_copy, n = 0.0, 0.0, 0
+    against the target latents of the frames after each chunk; and the imagined latents [B, H, D]."""
+    sums_model, sums_copy, imagined = 0.0, 0.0, []
     for lo in range(0, len(batch["pixels"]), chunk):
         b = {k: v[lo:lo + chunk] for k, v in batch.items()}
         z = model.encode(b["pixels"], b["state"])
@@ -114,8 +114,18 @@ def rollout_errors(model: WorldModel, batch: dict[str, torch.Tensor], chunk: int
         pred = model.rollout(z, b["actions"], b["lang"])
         sums_model = sums_model + ((pred - target) ** 2).mean(-1).sum(0)
         sums_copy = sums_copy + ((z[:, -1:] - target) ** 2).mean(-1).sum(0)
-        n += len(z)
-    return (sums_model / n).tolist(), (sums_copy / n).tolist()
+        imagined.append(pred)
+    n = len(batch["pixels"])
+    return (sums_model / n).tolist(), (sums_copy / n).tolist(), torch.cat(imagined)
+
+
+@torch.no_grad()
+def encode_frames(model: WorldModel, ds: EpisodeDataset, frames: np.ndarray, batch: int = 512) -> torch.Tensor:
+    """Target latents [N, D] of a loaded dataset's frames (indices), encoded `batch` at a time."""
+    px, st = ds.frames["pixels"], ds.frames["state"]
+    return torch.cat([model.encode_target(torch.from_numpy(px[frames[i:i + batch]])[None],
+                                          torch.from_numpy(st[frames[i:i + batch]])[None])[0]
+                      for i in range(0, len(frames), batch)])
 
 
 class GoalTarget:
@@ -150,7 +160,7 @@ class GoalTarget:
 class SuccessfulEpisodes:
     """Target latents of every frame of a dataset's successful episodes, with their instructions."""
 
-    def __init__(self, world_model: WorldModel, ds: EpisodeDataset, batch: int = 256):
+    def __init__(self, world_model: WorldModel, ds: EpisodeDataset):
         keep = np.flatnonzero(ds.success)
         if len(keep) < 2:
             raise ValueError(f"{ds.path} has {len(keep)} successful episodes; the goal model needs more")
@@ -159,11 +169,7 @@ class SuccessfulEpisodes:
         self.lengths = ds.lengths[keep]
         frames = np.concatenate([np.arange(ds.starts[i], ds.starts[i] + ds.lengths[i] + 1) for i in keep])
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths + 1)[:-1]])
-        pixels, state = ds.frames["pixels"], ds.frames["state"]
-        with torch.no_grad():
-            self.z = torch.cat([world_model.encode_target(torch.from_numpy(pixels[frames[i:i + batch]])[None],
-                                                          torch.from_numpy(state[frames[i:i + batch]])[None])[0]
-                                for i in range(0, len(frames), batch)])
+        self.z = encode_frames(world_model, ds, frames)
 
     def __len__(self) -> int:
         return len(self.lengths)
