@@ -1,0 +1,94 @@
+"""What the planner minimises: candidates [M, H, K, A] -> costs [M], from imagined latents only.
+
+    ẑ_1..ẑ_H = g_φ(z_hist, candidate, ℓ)                       the world model's rollout
+    cost     = d(ẑ_H, goal)                                       terminal
+             + running_weight · mean_k d(ẑ_k, goal), k < H        optional running cost
+             + prior_weight · min_n ‖a_0 − vla_n‖² / (K·A)         optional VLA prior
+
+The goal is a latent (from the goal model G(ℓ, z_now), or an encoded goal image) compared by
+`distance`, or the language critic, whose score is negated. Nothing here reads the simulator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DISTANCES = ("l2", "l1", "cosine")
+
+
+@dataclass
+class CostConfig:
+    distance: str = "l2"  # l2 | l1 | cosine, between an imagined latent and the goal latent
+    running_weight: float = 0.0  # weight of the intermediate latents' mean distance to the goal
+    prior_weight: float = 0.0  # pull the first chunk towards the nearest VLA proposal
+
+    def __post_init__(self):
+        if self.distance not in DISTANCES:
+            raise ValueError(f"unknown distance {self.distance!r}; choose one of {', '.join(DISTANCES)}")
+        if self.running_weight < 0 or self.prior_weight < 0:
+            raise ValueError("running_weight and prior_weight must be ≥ 0")
+
+
+def latent_distance(z: torch.Tensor, goal: torch.Tensor, kind: str) -> torch.Tensor:
+    """z [..., D], goal [D] -> [...]."""
+    if kind == "l2":
+        return (z - goal).norm(dim=-1)
+    if kind == "l1":
+        return (z - goal).abs().mean(dim=-1)
+    return 1.0 - F.cosine_similarity(z, goal.expand_as(z), dim=-1)
+
+
+@dataclass
+class Goal:
+    """Either a goal latent [D] or a critic: score(z [M, D]) -> [M], higher is better."""
+
+    latent: torch.Tensor | None = None
+    critic: object = None  # Callable[[Tensor], Tensor]
+
+    def __post_init__(self):
+        if (self.latent is None) == (self.critic is None):
+            raise ValueError("a Goal needs exactly one of latent (a goal embedding) or critic (a scorer)")
+
+    def cost(self, z: torch.Tensor, distance: str) -> torch.Tensor:
+        """z [..., D] -> [...], lower is better."""
+        if self.latent is not None:
+            return latent_distance(z, self.latent, distance)
+        return -self.critic(z.reshape(-1, z.shape[-1])).view(z.shape[:-1])
+
+
+class Objective:
+    """The cost of candidate plans from one observation (history) under one instruction.
+
+    world_model: anything with rollout(z_hist [M, h, D], chunks [M, H, K, A], lang [1, L]) -> [M, H, D];
+    z_hist [1, h, D]; lang [1, L]; prior: the VLA's chunks [N, K, A] for the prior term.
+    Counts the imagined rollouts it evaluates (`evaluations`) and keeps the latents of the last
+    call (`last_latents` [M, H, D]).
+    """
+
+    def __init__(self, world_model, z_hist: torch.Tensor, lang: torch.Tensor, goal: Goal,
+                 cfg: CostConfig | None = None, prior: torch.Tensor | None = None):
+        self.world_model, self.z_hist, self.lang, self.goal = world_model, z_hist, lang, goal
+        self.cfg = cfg or CostConfig()
+        self.prior = prior
+        self.evaluations = 0
+        self.last_latents: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(self, candidates: torch.Tensor) -> torch.Tensor:
+        """candidates [M, H, K, A] -> costs [M]."""
+        if candidates.ndim != 4:
+            raise ValueError(f"candidates must be [M, H, K, A], got {list(candidates.shape)}")
+        m = len(candidates)
+        z = self.world_model.rollout(self.z_hist.expand(m, -1, -1), candidates, self.lang)
+        self.evaluations += m
+        self.last_latents = z
+        cost = self.goal.cost(z[:, -1], self.cfg.distance)
+        if self.cfg.running_weight and z.shape[1] > 1:
+            cost = cost + self.cfg.running_weight * self.goal.cost(z[:, :-1], self.cfg.distance).mean(1)
+        if self.cfg.prior_weight and self.prior is not None:
+            gap = (candidates[:, None, 0] - self.prior[None]).pow(2).flatten(2).mean(-1)  # [M, N]
+            cost = cost + self.cfg.prior_weight * gap.min(1).values
+        return cost
