@@ -210,6 +210,14 @@ def goal_metrics(model: GoalModel, episodes: SuccessfulEpisodes) -> dict[str, fl
             "critic_instruction_top1": critic_top1, "critic_final_above_first": order, "episodes": float(len(e))}
 
 
+def random_shift(pixels: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
+    """Augmentation: each image [B, V, H, W, 3] shifted by up to `pad` pixels (edges repeated)."""
+    b, _, h, w, _ = pixels.shape
+    padded = np.pad(pixels, ((0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    dy, dx = rng.integers(0, 2 * pad + 1, size=(2, b))
+    return np.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+
+
 class VLATarget:
     """The VLA, by conditional flow matching on the chunks of successful episodes of the chosen
     policies (default: the clean expert); with `model.aux_weight` > 0 also the VLA-JEPA auxiliary,
@@ -233,6 +241,8 @@ class VLATarget:
             keep = np.flatnonzero(ds.success & np.isin([p.split("(")[0] for p in ds.policies], list(t.policies)))
             if len(keep) == 0:
                 raise ValueError(f"{ds.path} has no successful episodes of policies {list(t.policies)}")
+            if ds is self.train_ds and t.get("episodes"):
+                keep = keep[: int(t.episodes)]  # the recipe's demonstration budget
             self.samplers.append(WindowSampler(ds, history=1, horizon=horizon, chunk=self.model_cfg.chunk,
                                                episodes=keep))
             self.langs.append(instruction_table(ds)[0])
@@ -240,7 +250,10 @@ class VLATarget:
 
     def _batch(self, split: int, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
         w = self.samplers[split].sample(rng, size)
-        out = {"pixels": torch.from_numpy(w.pixels[:, -1]), "state": torch.from_numpy(w.state[:, -1]),
+        pixels = w.pixels[:, -1]
+        if split == 0 and self.cfg.target.get("shift"):
+            pixels = random_shift(pixels, int(self.cfg.target.shift), rng)
+        out = {"pixels": torch.from_numpy(pixels), "state": torch.from_numpy(w.state[:, -1]),
                "lang": self.langs[split][torch.from_numpy(w.episode)], "actions": torch.from_numpy(w.actions[:, 0])}
         if self.world_model is not None:
             out["future_latents"] = self.world_model.encode_target(torch.from_numpy(w.future_pixels),

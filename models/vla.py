@@ -37,10 +37,12 @@ class VLAConfig:
     state_dim: int = 4
     action_dim: int = 2
     chunk: int = 8  # K: actions per chunk
+    backbone: str = "vit"  # vit: a transformer over patches; cnn: FiLM-conditioned convolutions
     width: int = 128  # the backbone's
-    depth: int = 4  # transformer layers
+    depth: int = 4  # transformer layers (vit)
     heads: int = 4
-    patch: int = 8  # the conv stem's patch size: (image_size / patch)² image tokens
+    patch: int = 8  # the conv stem's patch size: (image_size / patch)² image tokens (vit)
+    keypoints: int = 32  # spatial soft-argmax keypoints (cnn)
     expert_width: int = 256  # the action expert's
     expert_blocks: int = 3
     flow_steps: int = 10  # Euler steps at sampling
@@ -100,6 +102,47 @@ class Backbone(nn.Module):
         return out[:, :n_obs].mean(1), (out[:, n_obs:] if queries is not None else None)
 
 
+class ConvBackbone(nn.Module):
+    """A FiLM-conditioned CNN: the instruction scales and shifts every stage's channels (it says
+    which colours matter), then spatial soft-argmax keypoints (where things are), a coarse 8x8 map
+    and the state go through an MLP to the context [B, W]. Query tokens (the auxiliary) read the
+    context only: each is context + its own learned embedding."""
+
+    CHANNELS = (32, 64, 128)
+
+    def __init__(self, cfg: VLAConfig):
+        super().__init__()
+        if cfg.image_size % 8:
+            raise ValueError(f"the cnn backbone needs an image size divisible by 8, got {cfg.image_size}")
+        c1, c2, c3 = self.CHANNELS
+        self.convs = nn.ModuleList([nn.Conv2d(3 * cfg.cameras, c1, 3, stride=2, padding=1),
+                                    nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.Conv2d(c2, c3, 3, padding=1)])
+        self.norms = nn.ModuleList(nn.GroupNorm(8, c) for c in self.CHANNELS)
+        self.film = nn.Linear(LANG_DIM, 2 * sum(self.CHANNELS))
+        nn.init.zeros_(self.film.weight)  # starts as the identity modulation
+        nn.init.zeros_(self.film.bias)
+        self.keypoint_maps = nn.Conv2d(c3, cfg.keypoints, 1)
+        self.coarse = nn.Conv2d(c3, 32, 3, stride=2, padding=1)
+        side = torch.linspace(-1.0, 1.0, cfg.image_size // 4)
+        ys, xs = torch.meshgrid(side, side, indexing="ij")
+        self.register_buffer("grid", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
+        inputs = 2 * cfg.keypoints + 32 * (cfg.image_size // 8) ** 2 + cfg.state_dim + LANG_DIM
+        self.head = nn.Sequential(nn.Linear(inputs, 2 * cfg.width), nn.SiLU(), nn.Linear(2 * cfg.width, cfg.width))
+
+    def forward(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
+                queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `Backbone.forward`."""
+        b, v, h, w, _ = pixels.shape
+        x = pixels.permute(0, 1, 4, 2, 3).reshape(b, v * 3, h, w).float() / 127.5 - 1.0
+        films = self.film(lang).split([2 * c for c in self.CHANNELS], dim=1)
+        for conv, norm, film in zip(self.convs, self.norms, films):
+            scale, shift = film[:, :, None, None].chunk(2, dim=1)
+            x = F.silu(norm(conv(x)) * (1 + scale) + shift)
+        keypoints = torch.softmax(self.keypoint_maps(x).flatten(2), dim=-1) @ self.grid  # [B, keypoints, 2]
+        context = self.head(torch.cat([keypoints.flatten(1), F.silu(self.coarse(x)).flatten(1), state, lang], dim=1))
+        return context, (context[:, None] + queries if queries is not None else None)
+
+
 class ActionExpert(nn.Module):
     """The velocity v(a_τ, τ, c) over flattened normalised chunks, conditioned by AdaLN-zero on the
     context and τ. The condition is per observation (and τ), so it is computed for B rows and
@@ -143,14 +186,16 @@ class VLA(nn.Module):
 
     def __init__(self, cfg: VLAConfig):
         super().__init__()
-        if cfg.image_size % cfg.patch:
+        if cfg.backbone not in ("vit", "cnn"):
+            raise ValueError(f"unknown backbone {cfg.backbone!r}; choose vit or cnn")
+        if cfg.backbone == "vit" and cfg.image_size % cfg.patch:
             raise ValueError(f"image_size {cfg.image_size} must be divisible by patch {cfg.patch}")
         if not 1 <= cfg.n_action_steps <= cfg.chunk:
             raise ValueError(f"n_action_steps must be in 1..chunk ({cfg.chunk}), got {cfg.n_action_steps}")
         if cfg.flow_steps < 1:
             raise ValueError(f"flow_steps must be ≥ 1, got {cfg.flow_steps}")
         self.cfg = cfg
-        self.backbone = Backbone(cfg)
+        self.backbone = Backbone(cfg) if cfg.backbone == "vit" else ConvBackbone(cfg)
         self.expert = ActionExpert(cfg)
         # The auxiliary always exists (checkpoints load whatever aux_weight is); it costs nothing when off.
         self.aux_queries = nn.Parameter(torch.randn(cfg.aux_horizon, cfg.width) * 0.02)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,8 +151,10 @@ class NevergradOptimizer:
 
         start = time.perf_counter()
         shape = tuple(init.mean.shape)
-        param = ng.p.Array(init=init.mean.numpy().astype(np.float64)).set_bounds(self.low, self.high)
-        param.set_mutation(sigma=float(init.std.mean()))
+        with warnings.catch_warnings():  # "bounds are N sigma away": a hint, and it would flood every replan
+            warnings.simplefilter("ignore", ng.errors.NevergradRuntimeWarning)
+            param = ng.p.Array(init=init.mean.numpy().astype(np.float64)).set_bounds(self.low, self.high)
+            param.set_mutation(sigma=float(init.std.mean()))
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         param.random_state = np.random.RandomState(seed)
         opt = ng.optimizers.registry[self.name](parametrization=param, budget=self.evaluations,

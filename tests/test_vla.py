@@ -68,8 +68,9 @@ def test_sampling_is_deterministic_per_seed():
     assert not torch.allclose(a[:, 0], a[:, 1])  # the n samples of one observation differ too
 
 
-def test_backbone_runs_once_per_observation():
-    model = make().eval()
+@pytest.mark.parametrize("backbone", ["vit", "cnn"])
+def test_backbone_runs_once_per_observation(backbone):
+    model = make(backbone=backbone).eval()
     calls = []
     model.backbone.register_forward_hook(lambda mod, inp, out: calls.append(out[0].shape))
     out = model.sample_chunks(batch_of(3), 16, gen(0))
@@ -77,10 +78,11 @@ def test_backbone_runs_once_per_observation():
     assert calls == [torch.Size([3, 32])]
 
 
-def test_training_overfits_a_tiny_batch():
+@pytest.mark.parametrize("backbone", ["vit", "cnn"])
+def test_training_overfits_a_tiny_batch(backbone):
     """4 observations with distinct instructions and distinct target chunks: after a few hundred
     steps, samples land on each observation's own target (de-normalised through the stats)."""
-    model = make()
+    model = make(backbone=backbone)
     cfg = model.cfg
     batch = batch_of(4, seed=1)
     targets = (torch.rand(4, cfg.chunk, cfg.action_dim, generator=gen(2)) * 1.6 - 0.8)
@@ -130,8 +132,9 @@ def test_normalisation_maps_outputs_and_travels_in_the_state_dict():
         model.set_normalization({**narrow, "action": {"mean": [0.0] * 3, "std": [1.0] * 3}})
 
 
-def test_auxiliary_reads_no_targets_and_is_off_by_default():
-    model = make(aux_weight=0.5)
+@pytest.mark.parametrize("backbone", ["vit", "cnn"])
+def test_auxiliary_reads_no_targets_and_is_off_by_default(backbone):
+    model = make(aux_weight=0.5, backbone=backbone)
     cfg = model.cfg
     b = batch_of(3)
     args = (b["pixels"], b["state"], b["lang"], torch.rand(3, cfg.chunk, cfg.action_dim) * 2 - 1)
