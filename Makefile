@@ -20,9 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q $(FIND_LINKS) -e '.[dev]'
 	touch $@
 
-# Until the planner lands: one expert episode per task family, as captioned videos.
+# The main job on the shipped checkpoints: the VLA alone, then VLA-seeded CEM, on the same
+# 10 fresh push-to-pad episodes; a success table, results.json and a video per mode.
 demo: install
-	$(BIN)/foresight-experts episodes=1 video=true hydra.run.dir=outputs/demo
+	$(BIN)/foresight-control modes=[vla,vla_cem] families=[push_to_pad] episodes=10 hydra.run.dir=outputs/demo
 	@echo "videos: outputs/demo/videos/"
 
 # Two test workers on two cores: one torch thread each, or they fight over the cores.

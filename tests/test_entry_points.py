@@ -1,6 +1,7 @@
 """The command-line entry points, run as a user would, with small configs."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -72,6 +73,49 @@ def test_bench_world_model_suite_times_rollouts_and_counts_their_flops(tmp_path)
     # The default predictor's linear layers alone are ~0.5 MFLOP per imagined chunk-step.
     assert 1e5 < metrics["flops_per_chunk_step"]["median"] < 1e7
     assert 0 < metrics["fraction_of_matmul_peak"]["median"] < 2
+
+
+def test_bench_vla_suite_times_one_and_64_chunks_and_training(tmp_path):
+    out = tmp_path / "vla.json"
+    run(["foresight-bench", "vla", "--repeats", "1", "--train-batch", "2", "--min-time", "0.01",
+         "--vla-checkpoint", "none", "--out", str(out)], tmp_path)
+    metrics = json.loads(out.read_text())["metrics"]
+    for name in ("sample_ms_n1", "sample_ms_n64", "ratio_n64_to_n1", "train_samples_per_s", "peak_rss_mb"):
+        assert math.isfinite(metrics[name]["median"]) and metrics[name]["median"] > 0, name
+
+
+def _tiny_checkpoints(root):
+    """Small random-init world model, goal model and VLA, saved as foresight-train saves them."""
+    from models import WorldModel, WorldModelConfig
+    from models.checkpoint import save_checkpoint
+    from models.goal import GoalModel, GoalModelConfig
+    from models.vla import VLA, VLAConfig
+
+    latent = 16
+    models = {"world_model": WorldModel(WorldModelConfig(latent_dim=latent, keypoints=4, width=32, blocks=1,
+                                                         cond_dim=16)),
+              "goal": GoalModel(GoalModelConfig(latent_dim=latent, width=32, critic_dim=16)),
+              "vla": VLA(VLAConfig(backbone="cnn", width=32, keypoints=4, expert_width=32, expert_blocks=1,
+                                   flow_steps=2, latent_dim=latent))}
+    for kind, model in models.items():
+        save_checkpoint(root / kind, {kind: model}, {"kind": kind, "model": model.cfg.to_dict()})
+    return root
+
+
+def test_bench_planner_suite_times_every_mode_and_the_reference_optimizers(tmp_path):
+    from planner import MODES
+
+    out = tmp_path / "planner.json"
+    result = run(["foresight-bench", "planner", "--repeats", "1", "--replans", "2", "--observations", "2",
+                  "--checkpoints", str(_tiny_checkpoints(tmp_path / "checkpoints")), "--out", str(out)], tmp_path)
+    metrics = json.loads(out.read_text())["metrics"]
+    names = [f"{mode}_{what}" for mode in MODES for what in ("ms_median", "ms_p95", "rollouts")]
+    names += [f"{ref}_{what}_ratio" for ref in ("pytorch_mppi", "ng_cma") for what in ("time", "cost")]
+    for name in names:
+        assert math.isfinite(metrics[name]["median"]), name
+    assert metrics["vla_rollouts"]["median"] == 0 and metrics["cem_rollouts"]["median"] > 0
+    assert 0 < metrics["vla_cem_ms_median"]["median"] <= metrics["vla_cem_ms_p95"]["median"]
+    assert "vla_cem_ms_median" in result.stdout
 
 
 def test_bench_rejects_unknown_suites(tmp_path):
