@@ -140,7 +140,6 @@ def bench_world_model(args) -> dict[str, tuple[float, str]]:
 
     train_model = WorldModel(WorldModelConfig(**{**cfg.to_dict(), "ema_target": False})).train()
     objective = WorldModelObjective(train_model, WorldModelLossConfig())
-    opt = torch.optim.AdamW(train_model.parameters(), lr=1e-4)
     b, horizon = args.train_batch, args.horizon
     px = lambda t: torch.randint(0, 256, (b, t, cfg.cameras, cfg.image_size, cfg.image_size, 3),  # noqa: E731
                                  dtype=torch.uint8, generator=g)
@@ -148,13 +147,8 @@ def bench_world_model(args) -> dict[str, tuple[float, str]]:
                  actions=torch.rand(b, horizon, cfg.chunk, cfg.action_dim, generator=g) * 2 - 1,
                  future_pixels=px(horizon), future_state=torch.randn(b, horizon, cfg.state_dim, generator=g),
                  lang=torch.randn(b, 384, generator=g))
-
-    def step():
-        loss = objective(**batch, generator=g)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out["train_windows_per_s"] = (b / _median_time(step, args.min_time), "windows/s")
+    out["train_windows_per_s"] = (b / _train_step_seconds(lambda: objective(**batch, generator=g)["loss"],
+                                                            train_model, args.min_time), "windows/s")
     out["peak_rss_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MB")
     return out
 
@@ -182,17 +176,11 @@ def bench_vla(args) -> dict[str, tuple[float, str]]:
            "ratio_n64_to_n1": (ms[64] / ms[1], "x")}
 
     train_model = VLA(cfg).train()
-    opt = torch.optim.AdamW(train_model.parameters(), lr=1e-4)
     b = args.train_batch
     data = (pixels(b), torch.randn(b, cfg.state_dim, generator=g), torch.randn(b, 384, generator=g),
             torch.rand(b, cfg.chunk, cfg.action_dim, generator=g) * 2 - 1)
-
-    def step():
-        loss = train_model(*data, generator=g)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out["train_samples_per_s"] = (b / _median_time(step, args.min_time), "samples/s")
+    out["train_samples_per_s"] = (b / _train_step_seconds(lambda: train_model(*data, generator=g)["loss"],
+                                                            train_model, args.min_time), "samples/s")
     out["peak_rss_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MB")
     return out
 
@@ -325,6 +313,20 @@ def _pytorch_mppi(objective, init, samples: int, iterations: int, lambda_: float
     for _ in range(iterations):
         mppi.command(objective.z_hist.flatten(), shift_nominal_trajectory=False)
     return mppi.U.view(horizon, k, a)
+
+
+def _train_step_seconds(loss_fn: Callable, model, min_time: float) -> float:
+    """Median seconds of one AdamW step on loss_fn() (forward, backward, update)."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return _median_time(step, min_time)
 
 
 def _median_time(fn: Callable, min_time: float) -> float:

@@ -54,11 +54,11 @@ def run_episode(env, controller, seed: int, family: str | None, video: bool, goa
     controller.reset(obs["instruction"], seed=seed)
     plan_ms, evaluations, costs, frames = [], [], [], []
     success = done = False
-    steps = 0
+    steps, last = 0, None
     while not done:
         action = controller.act(obs)
         plan = controller.last_plan
-        if len(plan_ms) == 0 or plan is not last:  # a replan happened in this act()
+        if plan is not last:  # a replan happened in this act()
             last = plan
             plan_ms.append(plan.time_ms)
             evaluations.append(plan.evaluations)
@@ -78,7 +78,8 @@ def _frame(env, info, step, success, plan, costs, goal_model, controller):
     lines = wrap_text(info["instruction"], 44)[:2]
     lines.append(f"{plan.mode}  step {step}/{info['task']['budget']}" + ("  success" if success else ""))
     if plan.latents is not None:
-        critic = float(goal_model.score(plan.latents[-1:], controller.lang)) if goal_model is not None else float("nan")
+        with torch.no_grad():
+            critic = float(goal_model.score(plan.latents[-1:], controller.lang)) if goal_model else float("nan")
         lines.append(f"imagined end: cost {plan.cost:.2f}  critic {critic:.1f}")
     frame = captioned(env.render(), lines, height=64)
     return np.concatenate([frame, _sparkline(costs, frame.shape[1], 40)], axis=0)
