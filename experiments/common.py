@@ -95,6 +95,19 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def success_summary(successes: Sequence[bool], steps: Sequence[int]) -> dict:
+    """Episodes, successes, rate, its 95% Wilson interval and mean steps, as results.json records them."""
+    wins, n = int(sum(successes)), len(successes)
+    return {"episodes": n, "successes": wins, "success_rate": wins / n, "ci95": list(wilson_interval(wins, n)),
+            "mean_steps": float(np.mean(steps))}
+
+
+def success_cells(r: dict) -> list[str]:
+    """A success_summary as table cells: successes/episodes, rate, interval (in %)."""
+    return [f"{r['successes']}/{r['episodes']}", f"{100 * r['success_rate']:.1f}%",
+            f"[{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]"]
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-markdown table (also readable in a terminal)."""
     cells = [[str(c) for c in row] for row in rows]

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import envs
-from experiments.common import (CONFIG_DIR, captioned, clean_errors, format_table, wilson_interval,
-                                write_json, write_video, wrap_text)
+from experiments.common import (CONFIG_DIR, captioned, clean_errors, format_table, success_cells,
+                                success_summary, write_json, write_video, wrap_text)
 from experiments.env_config import env_from_config
 from planner import ForesightController, PlannerConfig
 
@@ -101,12 +101,9 @@ def _sparkline(values, width: int, height: int) -> np.ndarray:
 
 
 def summarise(episodes: list[dict]) -> dict:
-    wins = sum(e["success"] for e in episodes)
-    lo, hi = wilson_interval(wins, len(episodes))
     plan_ms = np.concatenate([e["plan_ms"] for e in episodes])
     steps = sum(e["steps"] for e in episodes)
-    return {"episodes": len(episodes), "successes": wins, "success_rate": wins / len(episodes), "ci95": [lo, hi],
-            "mean_steps": float(np.mean([e["steps"] for e in episodes])),
+    return {**success_summary([e["success"] for e in episodes], [e["steps"] for e in episodes]),
             "plan_ms_median": float(np.median(plan_ms)), "plan_ms_p95": float(np.percentile(plan_ms, 95)),
             "plan_ms_per_step": float(plan_ms.sum() / steps),
             "evaluations_per_replan": float(np.mean(np.concatenate([e["evaluations"] for e in episodes])))}
@@ -147,8 +144,7 @@ def main(cfg: DictConfig) -> None:
             if len(families) > 1:
                 results[mode]["all"] = summarise(everything)
     env.close()
-    rows = [(mode, family, f"{r['successes']}/{r['episodes']}", f"{100 * r['success_rate']:.1f}%",
-             f"[{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]", f"{r['plan_ms_median']:.1f}",
+    rows = [(mode, family, *success_cells(r), f"{r['plan_ms_median']:.1f}",
              f"{r['plan_ms_p95']:.1f}", f"{r['evaluations_per_replan']:.0f}")
             for mode, per in results.items() for family, r in per.items()]
     print(format_table(["mode", "task", "successes", "rate", "95% CI", "plan ms (median)", "plan ms (p95)",

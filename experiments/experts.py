@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import envs
-from experiments.common import (CONFIG_DIR, captioned, clean_errors, format_table, wilson_interval,
-                                write_json, write_video, wrap_text)
+from experiments.common import (CONFIG_DIR, captioned, clean_errors, format_table, success_cells,
+                                success_summary, write_json, write_video, wrap_text)
 from experiments.env_config import env_from_config
 
 
@@ -67,14 +67,10 @@ def main(cfg: DictConfig) -> None:
                     path = write_video(out / "videos" / f"{name}.mp4", frames, fps=envs.tabletop.CONTROL_HZ)
                     tqdm.write(f"video: {path}")
                 bar.update()
-            wins = sum(s for s, _ in outcomes)
-            lo, hi = wilson_interval(wins, len(outcomes))
-            results[label] = {"episodes": len(outcomes), "successes": wins, "success_rate": wins / len(outcomes),
-                               "ci95": [lo, hi], "mean_steps": float(np.mean([n for _, n in outcomes])),
-                               "budget": budget}
+            results[label] = {**success_summary([s for s, _ in outcomes], [n for _, n in outcomes]),
+                              "budget": budget}
     env.close()
-    rows = [(f, f"{r['successes']}/{r['episodes']}", f"{100 * r['success_rate']:.1f}%",
-             f"[{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]", f"{r['mean_steps']:.1f}", r["budget"])
+    rows = [(f, *success_cells(r), f"{r['mean_steps']:.1f}", r["budget"])
             for f, r in results.items()]
     print(format_table(["task", "successes", "rate", "95% CI", "mean steps", "budget"], rows))
     write_json(out / "results.json", {"config": OmegaConf.to_container(cfg.env, resolve=True),
