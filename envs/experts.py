@@ -16,7 +16,7 @@ import numpy as np
 
 from .scene import OBJECT_HALF, PUSHER_RADIUS, TABLE_HALF
 from .tabletop import CONTROL_HZ, MAX_SPEED
-from .tasks import REGIONS, Subgoal, subgoal_met
+from .tasks import REGIONS, Subgoal, advance, subgoal_met
 
 STEP = MAX_SPEED / CONTROL_HZ  # metres moved in one control step at |action| = 1
 CONTACT = OBJECT_HALF + PUSHER_RADIUS  # centre distance when pusher touches a cube face
@@ -71,24 +71,72 @@ class ScriptedExpert:
         return np.clip(action, -1.0, 1.0).astype(np.float32)
 
     def clean_action(self, info: dict) -> np.ndarray:
-        task = info["task"]
-        names = info["object_names"]
         objects = np.asarray(info["object_pos"])[:, :2]
         pusher = np.asarray(info["pusher_pos"], dtype=float)
-        pads = dict(zip(task["pads"], np.asarray(info["pad_pos"])))
-        subgoals = [Subgoal(names.index(s["object"]), s["kind"], s["target"]) for s in task["subgoals"]]
-        met = [subgoal_met(s, objects, pusher, pads) for s in subgoals]
-        # Work on the next subgoal in order; once all were reached, on any that slipped.
-        stage = info["stage"]
-        todo = subgoals[stage] if stage < len(subgoals) else next(
-            (s for s, m in zip(subgoals, met) if not m), None)
+        todo = current_subgoal(info)
         if todo is None:
             return np.zeros(2)
         obstacles = np.delete(objects, todo.object, axis=0)
         if todo.kind == "touch":
             return _go_to(pusher, objects[todo.object], obstacles)
-        goal = pads[todo.target] if todo.kind == "pad" else _region_goal(objects[todo.object], todo.target)
-        return _push(pusher, objects[todo.object], goal, obstacles)
+        return _push(pusher, objects[todo.object], _subgoal_goal(todo, objects, info), obstacles)
+
+
+def _subgoals(info: dict) -> list[Subgoal]:
+    names = info["object_names"]
+    return [Subgoal(names.index(s["object"]), s["kind"], s["target"]) for s in info["task"]["subgoals"]]
+
+
+def current_subgoal(info: dict) -> Subgoal | None:
+    """The subgoal to work on: the next in order; once all were reached, any that slipped (None: none)."""
+    objects = np.asarray(info["object_pos"])[:, :2]
+    pads = dict(zip(info["task"]["pads"], np.asarray(info["pad_pos"])))
+    subgoals = _subgoals(info)
+    if info["stage"] < len(subgoals):
+        return subgoals[info["stage"]]
+    met = [subgoal_met(s, objects, np.asarray(info["pusher_pos"], dtype=float), pads) for s in subgoals]
+    return next((s for s, m in zip(subgoals, met) if not m), None)
+
+
+def _subgoal_goal(sub: Subgoal, objects: np.ndarray, info: dict) -> np.ndarray:
+    """Where the subgoal's object must go (its own position for touch)."""
+    if sub.kind == "pad":
+        return np.asarray(info["pad_pos"])[info["task"]["pads"].index(sub.target)]
+    if sub.kind == "region":
+        return _region_goal(objects[sub.object], sub.target)
+    return objects[sub.object]
+
+
+def subgoal_points(info: dict) -> np.ndarray:
+    """What the task is about right now, [4]: the (x, y) of the current subgoal's object and of
+    where it must go (the last subgoal's once all hold). A training signal for perception only."""
+    objects = np.asarray(info["object_pos"])[:, :2]
+    sub = current_subgoal(info) or _subgoals(info)[-1]
+    return np.concatenate([objects[sub.object], _subgoal_goal(sub, objects, info)]).astype(np.float32)
+
+
+def replay_infos(task: dict, object_pos: np.ndarray, pad_pos: np.ndarray, pusher_pos: np.ndarray):
+    """The privileged `info` of every recorded frame of an episode, rebuilt from what a dataset
+    stores (object_pos [T, n, 3], pad_pos [T, p, 2], pusher_pos [T, 2], NaN-padded; the task spec),
+    with the subgoal stage recomputed as the env tracks it."""
+    n_obj, n_pad = len(task["objects"]), len(task["pads"])
+    stage = 0
+    for t in range(len(pusher_pos)):
+        info = {"task": task, "object_names": task["objects"], "object_pos": object_pos[t, :n_obj],
+                "pad_pos": pad_pos[t, :n_pad], "pusher_pos": pusher_pos[t]}
+        pads = dict(zip(task["pads"], info["pad_pos"]))
+        met = [subgoal_met(s, info["object_pos"][:, :2], pusher_pos[t], pads) for s in _subgoals(info)]
+        stage, _ = advance(stage, met)
+        yield {**info, "stage": stage}
+
+
+def expert_labels(task: dict, object_pos: np.ndarray, pad_pos: np.ndarray, pusher_pos: np.ndarray) -> np.ndarray:
+    """The clean expert's action at every recorded frame of an episode [T, 2] (`replay_infos`'
+    arguments). Relabelling the states a noisy expert visited this way gives demonstrations of
+    recovery (DART, Laskey et al. 2017) without collecting anything new."""
+    expert = ScriptedExpert()
+    actions = [expert.clean_action(info) for info in replay_infos(task, object_pos, pad_pos, pusher_pos)]
+    return np.clip(np.array(actions, dtype=np.float32), -1.0, 1.0)
 
 
 def _region_goal(obj: np.ndarray, region: str) -> np.ndarray:

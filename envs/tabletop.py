@@ -154,7 +154,7 @@ class TabletopEnv(gym.Env):
         mujoco.mj_step(self.model, self.data, nstep=self.substeps)
         self.steps += 1
         met = self._subgoals_met()
-        self.stage, success = advance(self.task, self.stage, met)
+        self.stage, success = advance(self.stage, met)
         truncated = self.steps >= self.task.budget and not success
         return self._observation(), float(success), success, truncated, self.privileged_info(met)
 

@@ -164,11 +164,12 @@ def subgoal_met(sub: Subgoal, object_xy: np.ndarray, pusher_xy: np.ndarray,
     raise ValueError(f"unknown subgoal kind {sub.kind!r}; expected touch, pad or region")
 
 
-def advance(task: TaskSpec, stage: int, met: list[bool]) -> tuple[int, bool]:
-    """Ordered progress: the next subgoal counts once met; success is all met, in order, now."""
-    while stage < len(task.subgoals) and met[stage]:
+def advance(stage: int, met: list[bool]) -> tuple[int, bool]:
+    """Ordered progress over the subgoals' checks `met`: the next subgoal counts once met;
+    success is all met, in order, now."""
+    while stage < len(met) and met[stage]:
         stage += 1
-    return stage, stage == len(task.subgoals) and all(met)
+    return stage, stage == len(met) and all(met)
 
 
 def validate_choice(kind: str, value, allowed) -> None:

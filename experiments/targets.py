@@ -16,7 +16,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from envs import TABLETOP_ID
 from envs.dataset import EpisodeDataset, WindowSampler
+from envs.experts import expert_labels, replay_infos, subgoal_points
+from envs.scene import TABLE_HALF
 from models import WorldModel, WorldModelConfig, get_instruction_encoder
 from models.goal import GoalModel, GoalModelConfig
 from models.objectives import WorldModelLossConfig, WorldModelObjective
@@ -218,6 +221,39 @@ def random_shift(pixels: np.ndarray, pad: int, rng: np.random.Generator) -> np.n
     return np.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
 
 
+def tabletop_truth(ds: EpisodeDataset, i: int, option: str) -> tuple[np.ndarray, ...]:
+    """Episode i's recorded privileged truth (object_pos, pad_pos, pusher_pos) for every frame, the
+    input of `envs.experts.replay_infos`; `option` names the setting that needs it, for the error."""
+    keys = ("object_pos", "pad_pos", "pusher_pos")
+    missing = [k for k in keys if f"privileged/{k}" not in ds.frames]
+    if missing or ds.meta.env_id != TABLETOP_ID:
+        why = f"lacks the privileged truth {missing}" if missing else f"is a {ds.meta.env_id} dataset"
+        raise ValueError(f"{option} reads the tabletop's privileged truth, but {ds.path} {why}; turn it off for "
+                         f"this dataset")
+    lo, n = int(ds.starts[i]), int(ds.lengths[i])
+    return tuple(np.asarray(ds.frames[f"privileged/{k}"][lo:lo + n + 1]) for k in keys)
+
+
+def relabel_with_expert(ds: EpisodeDataset, episodes: np.ndarray) -> None:
+    """Replace, in memory, the recorded actions of `episodes` by the clean scripted expert's action
+    at each recorded state (`envs.experts.expert_labels`). On noisy-expert episodes this is DART:
+    the states a fallible demonstrator drifted into, labelled with how to recover."""
+    for i in episodes:
+        lo, n = int(ds.starts[i]), int(ds.lengths[i])
+        ds.frames["action"][lo:lo + n] = expert_labels(ds.task(i), *tabletop_truth(ds, i, "target.labels=expert"))[:n]
+
+
+def subgoal_targets(ds: EpisodeDataset, episodes: np.ndarray) -> np.ndarray:
+    """Per frame [N, 4], in units of the table's half-width: where the current subgoal's object is
+    and where it must go (`envs.experts.subgoal_points`); NaN outside `episodes`."""
+    out = np.full((len(ds.frames["state"]), 4), np.nan, np.float32)
+    for i in episodes:
+        lo, n = int(ds.starts[i]), int(ds.lengths[i])
+        infos = replay_infos(ds.task(i), *tabletop_truth(ds, i, "target.model.where_weight > 0"))
+        out[lo:lo + n + 1] = np.stack([subgoal_points(info) for info in infos]) / TABLE_HALF
+    return out
+
+
 class VLATarget:
     """The VLA, by conditional flow matching on the chunks of successful episodes of the chosen
     policies (default: the clean expert); with `model.aux_weight` > 0 also the VLA-JEPA auxiliary,
@@ -236,13 +272,23 @@ class VLATarget:
         self.objective, self.modules = self.model, {"vla": self.model}
         self.world_model = WorldModel.load(cfg.world_model) if self.model_cfg.aux_weight > 0 else None
         horizon = self.model_cfg.aux_horizon if self.world_model is not None else 1
-        self.samplers, self.langs = [], []
+        labels = t.get("labels", "recorded")
+        if labels not in ("recorded", "expert"):
+            raise ValueError(f"target.labels must be recorded or expert, got {labels!r}")
+        self.samplers, self.langs, self.where = [], [], []
         for ds in (self.train_ds, self.eval_ds):
-            keep = np.flatnonzero(ds.success & np.isin([p.split("(")[0] for p in ds.policies], list(t.policies)))
+            relabel = labels == "expert" and ds is self.train_ds
+            policies = list(t.policies if ds is self.train_ds else t.eval_policies)
+            keep = np.isin([p.split("(")[0] for p in ds.policies], policies)
+            keep = np.flatnonzero(keep if relabel else keep & ds.success)  # relabelled failures still teach
             if len(keep) == 0:
-                raise ValueError(f"{ds.path} has no successful episodes of policies {list(t.policies)}")
+                raise ValueError(f"{ds.path} has no {'' if relabel else 'successful '}episodes of policies {policies}")
             if ds is self.train_ds and t.get("episodes"):
                 keep = keep[: int(t.episodes)]  # the recipe's demonstration budget
+            if relabel:
+                relabel_with_expert(ds, keep)
+            if self.model_cfg.where_weight > 0:
+                self.where.append(torch.from_numpy(subgoal_targets(ds, keep)))
             self.samplers.append(WindowSampler(ds, history=1, horizon=horizon, chunk=self.model_cfg.chunk,
                                                episodes=keep))
             self.langs.append(instruction_table(ds)[0])
@@ -255,6 +301,8 @@ class VLATarget:
             pixels = random_shift(pixels, int(self.cfg.target.shift), rng)
         out = {"pixels": torch.from_numpy(pixels), "state": torch.from_numpy(w.state[:, -1]),
                "lang": self.langs[split][torch.from_numpy(w.episode)], "actions": torch.from_numpy(w.actions[:, 0])}
+        if self.where:
+            out["where"] = self.where[split][torch.from_numpy(self.samplers[split].ds.starts[w.episode] + w.t)]
         if self.world_model is not None:
             out["future_latents"] = self.world_model.encode_target(torch.from_numpy(w.future_pixels),
                                                                    torch.from_numpy(w.future_state))

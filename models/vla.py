@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .world_model import LANG_DIM, AdaLNBlock
 
 TIME_FEATURES = 64  # sinusoidal features of the flow time τ
+WHERE_DIM = 4  # (x, y) of the current subgoal's object and of where it must go
 
 
 @dataclass
@@ -43,6 +44,7 @@ class VLAConfig:
     heads: int = 4
     patch: int = 8  # the conv stem's patch size: (image_size / patch)² image tokens (vit)
     keypoints: int = 32  # spatial soft-argmax keypoints (cnn)
+    language_points: int = 0  # soft-argmax points whose 1x1 filters the instruction writes (cnn)
     expert_width: int = 256  # the action expert's
     expert_blocks: int = 3
     flow_steps: int = 10  # Euler steps at sampling
@@ -50,6 +52,7 @@ class VLAConfig:
     latent_dim: int = 128  # the world model's latent width, for the auxiliary
     aux_horizon: int = 4  # future chunks the auxiliary predicts
     aux_weight: float = 0.0  # weight of the VLA-JEPA auxiliary loss (0: off)
+    where_weight: float = 0.0  # weight of the "where" auxiliary: the context must locate the task (0: off)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,8 +107,8 @@ class Backbone(nn.Module):
 
 class ConvBackbone(nn.Module):
     """A FiLM-conditioned CNN: the instruction scales and shifts every stage's channels (it says
-    which colours matter), then spatial soft-argmax keypoints (where things are), a coarse 8x8 map
-    and the state go through an MLP to the context [B, W]. Query tokens (the auxiliary) read the
+    which colours matter), then spatial soft-argmax keypoints (where things are; some of them
+    steered by the instruction), a coarse 8x8 map and the state go through an MLP to the context [B, W]. Query tokens (the auxiliary) read the
     context only: each is context + its own learned embedding."""
 
     CHANNELS = (32, 64, 128)
@@ -126,7 +129,10 @@ class ConvBackbone(nn.Module):
         side = torch.linspace(-1.0, 1.0, cfg.image_size // 4)
         ys, xs = torch.meshgrid(side, side, indexing="ij")
         self.register_buffer("grid", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
-        inputs = 2 * cfg.keypoints + 32 * (cfg.image_size // 8) ** 2 + cfg.state_dim + LANG_DIM
+        # Language points: the instruction writes 1x1 filters, so a point can follow "the blue cylinder"
+        # or "the green pad" wherever it is, which fixed keypoints can only do through FiLM.
+        self.language_points = nn.Linear(LANG_DIM, cfg.language_points * c3) if cfg.language_points else None
+        inputs = 2 * (cfg.keypoints + cfg.language_points) + 32 * (cfg.image_size // 8) ** 2 + cfg.state_dim + LANG_DIM
         self.head = nn.Sequential(nn.Linear(inputs, 2 * cfg.width), nn.SiLU(), nn.Linear(2 * cfg.width, cfg.width))
 
     def forward(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
@@ -138,7 +144,11 @@ class ConvBackbone(nn.Module):
         for conv, norm, film in zip(self.convs, self.norms, films):
             scale, shift = film[:, :, None, None].chunk(2, dim=1)
             x = F.silu(norm(conv(x)) * (1 + scale) + shift)
-        keypoints = torch.softmax(self.keypoint_maps(x).flatten(2), dim=-1) @ self.grid  # [B, keypoints, 2]
+        maps = self.keypoint_maps(x).flatten(2)  # [B, keypoints, cells]
+        if self.language_points is not None:
+            filters = self.language_points(lang).view(b, -1, x.shape[1])  # [B, language_points, C]
+            maps = torch.cat([maps, filters @ x.flatten(2) / math.sqrt(x.shape[1])], dim=1)
+        keypoints = torch.softmax(maps, dim=-1) @ self.grid  # [B, keypoints (+ language points), 2]
         context = self.head(torch.cat([keypoints.flatten(1), F.silu(self.coarse(x)).flatten(1), state, lang], dim=1))
         return context, (context[:, None] + queries if queries is not None else None)
 
@@ -200,6 +210,7 @@ class VLA(nn.Module):
         # The auxiliary always exists (checkpoints load whatever aux_weight is); it costs nothing when off.
         self.aux_queries = nn.Parameter(torch.randn(cfg.aux_horizon, cfg.width) * 0.02)
         self.aux_head = nn.Linear(cfg.width, cfg.latent_dim)
+        self.where_head = nn.Linear(cfg.width, WHERE_DIM) if cfg.where_weight > 0 else None
         for name, dim in (("action", cfg.action_dim), ("state", cfg.state_dim)):
             self.register_buffer(f"{name}_mean", torch.zeros(dim))
             self.register_buffer(f"{name}_std", torch.ones(dim))
@@ -229,12 +240,18 @@ class VLA(nn.Module):
     # ------------------------------------------------------------------ training
 
     def forward(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor, actions: torch.Tensor,
-                future_latents: torch.Tensor | None = None,
+                future_latents: torch.Tensor | None = None, where: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The training losses. pixels uint8 [B, V, H, W, 3], state [B, P], lang [B, L], actions
         [B, K, A] (raw), future_latents [B, aux_horizon, D] (targets: the world model's sg[f̄] of the
-        next chunks' end frames) -> {"flow", "loss"} (+ "jepa" when aux_weight > 0 and targets are given).
-        τ ~ U(0, 1) and ε ~ N(0, I) come from `generator`."""
+        next chunks' end frames), where [B, 4] (targets: the privileged positions of the current
+        subgoal's object and goal, scaled to about ±1) -> {"flow", "loss"} (+ "jepa" when aux_weight
+        > 0, "where" when where_weight > 0, and their targets are given). τ ~ U(0, 1) and ε ~ N(0, I)
+        come from `generator`.
+
+        The "where" auxiliary is privileged supervision at training time only (the policy never
+        reads positions): it makes the backbone localise what the instruction names, which flow
+        matching alone learns slowly from a few hundred push demonstrations."""
         cfg = self.cfg
         self._check(pixels, state, lang)
         if actions.shape != (len(pixels), cfg.chunk, cfg.action_dim):
@@ -253,7 +270,12 @@ class VLA(nn.Module):
         losses["loss"] = losses["flow"]
         if aux:
             losses["jepa"] = F.mse_loss(self.aux_head(query_out), future_latents)
-            losses["loss"] = losses["flow"] + cfg.aux_weight * losses["jepa"]
+            losses["loss"] = losses["loss"] + cfg.aux_weight * losses["jepa"]
+        if cfg.where_weight > 0 and where is not None:
+            if where.shape != (len(pixels), WHERE_DIM):
+                raise ValueError(f"where must be [B, {WHERE_DIM}] = [{len(pixels)}, {WHERE_DIM}], got {list(where.shape)}")
+            losses["where"] = F.mse_loss(self.where_head(context), where)
+            losses["loss"] = losses["loss"] + cfg.where_weight * losses["where"]
         return losses
 
     def latent_actions(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:

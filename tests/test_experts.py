@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 import envs
+from envs.dataset import record_episode
+from envs.experts import expert_labels
 from experiments.experts import run_episode
 
 SEEDS = range(envs.EVAL_SEED_START, envs.EVAL_SEED_START + 20)
@@ -45,6 +47,30 @@ def test_expert_recovers_when_its_object_is_displaced():
     env = envs.make_env(image_size=16, perturbations={"displace": 1.0, "distractors": 1.0})
     assert success_rate(env, envs.ScriptedExpert(), "push_to_region", SEEDS[:10]) >= 0.8
     env.close()
+
+
+class CleanActionLog:
+    """A noisy expert that also notes the clean action it would have taken at each state."""
+
+    def __init__(self, expert):
+        self.expert, self.clean = expert, []
+
+    def reset(self):
+        self.expert.reset()
+
+    def act(self, info):
+        self.clean.append(np.clip(self.expert.clean_action(info), -1, 1))
+        return self.expert.act(info)
+
+
+@pytest.mark.parametrize("family", ["push_to_pad", "two_step"])
+def test_expert_labels_give_the_clean_action_at_every_recorded_state(env, family):
+    policy = CleanActionLog(envs.ScriptedExpert(0.5, np.random.default_rng(0)))
+    ep = record_episode(env, policy, seed=SEEDS[1], policy_name="noisy", options={"task": family})
+    truth = ep.privileged
+    labels = expert_labels(ep.task, truth["object_pos"], truth["pad_pos"], truth["pusher_pos"])
+    np.testing.assert_allclose(labels[:-1], np.stack(policy.clean), atol=1e-6)
+    assert np.abs(labels[:-1] - ep.action).max() > 0.1  # the noise took it off the clean path
 
 
 def test_noise_outside_its_range_is_rejected():

@@ -10,7 +10,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 from envs.scene import OBJECT_HALF, PAD_RADIUS
-from envs.tasks import (TEMPLATES, TOUCH_DISTANCE, SceneObject, Subgoal, TaskSpec, advance,
+from envs.tasks import (TEMPLATES, TOUCH_DISTANCE, Subgoal, advance,
                         in_region, subgoal_met)
 
 
@@ -113,13 +113,10 @@ def test_success_predicates_on_true_state():
 
 
 def test_two_step_needs_order_and_both_at_the_end():
-    objs = (SceneObject("red", "cube"), SceneObject("blue", "cube"))
-    task = TaskSpec("two_step", objs, (), (Subgoal(0, "region", "left side"),
-                                             Subgoal(1, "region", "right side")), 160)
-    assert advance(task, 0, [False, True]) == (0, False)  # second first does not count
-    assert advance(task, 0, [True, False]) == (1, False)
-    assert advance(task, 1, [False, True]) == (2, False)  # first slipped out again
-    assert advance(task, 2, [True, True]) == (2, True)
+    assert advance(0, [False, True]) == (0, False)  # second first does not count
+    assert advance(0, [True, False]) == (1, False)
+    assert advance(1, [False, True]) == (2, False)  # first slipped out again
+    assert advance(2, [True, True]) == (2, True)
 
 
 def test_pushing_the_object_onto_its_pad_succeeds_in_sim(env):

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -17,6 +18,7 @@ from experiments.evaluate import evaluate, report
 from experiments.train import train
 from models import WorldModel
 from models.goal import GoalModel
+from models.vla import VLA
 
 COMMON = ["target.batch=8", "target.warmup=2", "log_every=1", "threads=1"]
 TINY = [*COMMON, "target.model.latent_dim=16", "target.model.width=32", "target.model.blocks=1",
@@ -70,6 +72,22 @@ def test_goal_model_trains_on_the_frozen_world_model(tmp_path, tiny_dataset):
     assert [r["horizon"] for r in results["probe"]["imagined"]] == [1, 2]
     assert 0 < results["probe"]["mean_error_m"] < 0.5 and 0 <= results["goal"]["retrieval_top1"] <= 1
     assert "goal retrieval" in report(results)
+
+
+def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary(tmp_path, tiny_dataset):
+    cfg = config(tmp_path, tiny_dataset, "target=vla", "target.steps=6", "target.eval_every=6",
+                 "target.policies=[mixed]", "target.eval_policies=[mixed]", "target.labels=expert",
+                 "target.model.where_weight=1.0", "target.model.width=32", "target.model.keypoints=4",
+                 "target.model.expert_width=32", "target.model.expert_blocks=1", "target.eval_windows=8", tiny=COMMON)
+    final = train(cfg, tmp_path / "run")
+    assert {"flow", "where", "chunk_abs_error"} <= set(final)
+    logged = [m for m in metrics(tmp_path / "run/metrics.jsonl") if "loss" in m]
+    assert all(m["loss"] > m["flow"] for m in logged)  # the where term is in the loss
+    assert VLA.load(tmp_path / "out").where_head is not None
+    bad = config(tmp_path, tiny_dataset, "target=vla", "target.policies=[mixed]", "target.eval_policies=[mixed]",
+                 "target.labels=imagined", tiny=COMMON)
+    with pytest.raises(ValueError, match="target.labels must be recorded or expert"):
+        train(bad, tmp_path / "bad")
 
 
 def _train_cli(tmp_path, data, run, *overrides, **popen):

@@ -161,6 +161,28 @@ def test_auxiliary_reads_no_targets_and_is_off_by_default(backbone):
     assert "jepa" not in model(*args, generator=gen(0))  # no targets, no auxiliary
 
 
+@pytest.mark.parametrize("backbone", ["vit", "cnn"])
+def test_where_auxiliary_teaches_the_context_to_locate_the_target(backbone):
+    model = make(where_weight=2.0, backbone=backbone, language_points=2 if backbone == "cnn" else 0)
+    cfg, b = model.cfg, batch_of(8)
+    args = (b["pixels"], b["state"], b["lang"], torch.rand(8, cfg.chunk, cfg.action_dim) * 2 - 1)
+    where = torch.rand(8, 4, generator=gen(5)) * 2 - 1
+    losses = model(*args, where=where, generator=gen(0))
+    torch.testing.assert_close(losses["loss"], losses["flow"] + 2.0 * losses["where"])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = losses["where"].item()
+    for _ in range(100):
+        loss = model(*args, where=where, generator=gen(0))["where"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first  # the backbone learns to read these 8 targets from their observations
+    assert "where" not in model(*args, generator=gen(0))  # no targets, no auxiliary
+    with pytest.raises(ValueError, match="where must be"):
+        model(*args, where=where[:, :2])
+    assert make().where_head is None  # off by default: older checkpoints load unchanged
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = make(aux_weight=0.1).eval()
     model.set_normalization({"state": {"mean": [0.1] * 4, "std": [2.0] * 4},
