@@ -288,25 +288,44 @@ class VLATarget:
             if relabel:
                 relabel_with_expert(ds, keep)
             if self.model_cfg.where_weight > 0:
-                self.where.append(torch.from_numpy(subgoal_targets(ds, keep)))
+                # With where_frames the "where" head also sees frames of every training episode.
+                located = np.arange(len(ds)) if ds is self.train_ds and t.get("where_frames") else keep
+                self.where.append(torch.from_numpy(subgoal_targets(ds, located)))
             self.samplers.append(WindowSampler(ds, history=1, horizon=horizon, chunk=self.model_cfg.chunk,
                                                episodes=keep))
             self.langs.append(instruction_table(ds)[0])
+        if t.get("where_frames"):
+            self.perception_sampler = WindowSampler(self.train_ds, history=1, horizon=1, chunk=self.model_cfg.chunk)
         self.eval_batch = self._batch(1, np.random.default_rng(0), t.eval_windows)
 
     def _batch(self, split: int, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
-        w = self.samplers[split].sample(rng, size)
-        pixels = w.pixels[:, -1]
-        if split == 0 and self.cfg.target.get("shift"):
-            pixels = random_shift(pixels, int(self.cfg.target.shift), rng)
-        out = {"pixels": torch.from_numpy(pixels), "state": torch.from_numpy(w.state[:, -1]),
-               "lang": self.langs[split][torch.from_numpy(w.episode)], "actions": torch.from_numpy(w.actions[:, 0])}
-        if self.where:
-            out["where"] = self.where[split][torch.from_numpy(self.samplers[split].ds.starts[w.episode] + w.t)]
+        w, out = self._windows(self.samplers[split], split, rng, size, demonstrations=True)
         if self.world_model is not None:
             out["future_latents"] = self.world_model.encode_target(torch.from_numpy(w.future_pixels),
                                                                    torch.from_numpy(w.future_state))
+        if split == 0 and self.where and self.cfg.target.get("where_frames"):
+            # Perception-only rows: frames of any episode (any policy), NaN actions, "where" targets.
+            _, extra = self._windows(self.perception_sampler, 0, rng, int(self.cfg.target.where_frames), False)
+            if "future_latents" in out:
+                latents = out["future_latents"]
+                extra["future_latents"] = latents.new_full((len(extra["pixels"]), *latents.shape[1:]), float("nan"))
+            out = {k: torch.cat([out[k], extra[k]]) for k in out}
         return out
+
+    def _windows(self, sampler: WindowSampler, split: int, rng: np.random.Generator, size: int,
+                 demonstrations: bool):
+        """`size` windows of `sampler` as model inputs (NaN actions unless `demonstrations`)."""
+        w = sampler.sample(rng, size)
+        pixels = w.pixels[:, -1]
+        if split == 0 and self.cfg.target.get("shift"):
+            pixels = random_shift(pixels, int(self.cfg.target.shift), rng)
+        actions = torch.from_numpy(w.actions[:, 0])
+        out = {"pixels": torch.from_numpy(pixels), "state": torch.from_numpy(w.state[:, -1]),
+               "lang": self.langs[split][torch.from_numpy(w.episode)],
+               "actions": actions if demonstrations else torch.full_like(actions, float("nan"))}
+        if self.where:
+            out["where"] = self.where[split][torch.from_numpy(sampler.ds.starts[w.episode] + w.t)]
+        return w, out
 
     def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
         return self._batch(0, rng, size)

@@ -247,7 +247,8 @@ class VLA(nn.Module):
         next chunks' end frames), where [B, 4] (targets: the privileged positions of the current
         subgoal's object and goal, scaled to about ±1) -> {"flow", "loss"} (+ "jepa" when aux_weight
         > 0, "where" when where_weight > 0, and their targets are given). τ ~ U(0, 1) and ε ~ N(0, I)
-        come from `generator`.
+        come from `generator`. Rows whose actions are NaN are not demonstrations: they train only
+        the "where" head (rows whose `where` is NaN do not).
 
         The "where" auxiliary is privileged supervision at training time only (the policy never
         reads positions): it makes the backbone localise what the instruction names, which flow
@@ -257,24 +258,28 @@ class VLA(nn.Module):
         if actions.shape != (len(pixels), cfg.chunk, cfg.action_dim):
             raise ValueError(f"actions must be [B, K, A] = [{len(pixels)}, {cfg.chunk}, {cfg.action_dim}], "
                              f"got {list(actions.shape)}")
+        demo = torch.isfinite(actions).flatten(1).all(1)
+        if not demo.any():
+            raise ValueError("no row of the batch has finite actions: at least one demonstration is needed")
         aux = cfg.aux_weight > 0 and future_latents is not None
         if aux and future_latents.shape != (len(pixels), cfg.aux_horizon, cfg.latent_dim):
             raise ValueError(f"future_latents must be [B, aux_horizon, latent_dim] = [{len(pixels)}, "
                              f"{cfg.aux_horizon}, {cfg.latent_dim}], got {list(future_latents.shape)}")
         context, query_out = self.backbone(pixels, self._norm_state(state), lang, self.aux_queries if aux else None)
-        a = ((actions - self.action_mean) / self.action_std).flatten(1)[:, None]  # [B, 1, K·A]
+        a = ((actions[demo] - self.action_mean) / self.action_std).flatten(1)[:, None]  # [B, 1, K·A]
         tau = torch.rand(len(a), generator=generator, device=a.device)
         eps = torch.randn(a.shape, generator=generator, device=a.device)
         a_tau = (1 - tau[:, None, None]) * eps + tau[:, None, None] * a
-        losses = {"flow": F.mse_loss(self.expert(a_tau, *self.expert.condition(tau, context)), a - eps)}
+        losses = {"flow": F.mse_loss(self.expert(a_tau, *self.expert.condition(tau, context[demo])), a - eps)}
         losses["loss"] = losses["flow"]
         if aux:
-            losses["jepa"] = F.mse_loss(self.aux_head(query_out), future_latents)
+            losses["jepa"] = F.mse_loss(self.aux_head(query_out[demo]), future_latents[demo])
             losses["loss"] = losses["loss"] + cfg.aux_weight * losses["jepa"]
         if cfg.where_weight > 0 and where is not None:
             if where.shape != (len(pixels), WHERE_DIM):
                 raise ValueError(f"where must be [B, {WHERE_DIM}] = [{len(pixels)}, {WHERE_DIM}], got {list(where.shape)}")
-            losses["where"] = F.mse_loss(self.where_head(context), where)
+            known = torch.isfinite(where).all(1)
+            losses["where"] = F.mse_loss(self.where_head(context[known]), where[known])
             losses["loss"] = losses["loss"] + cfg.where_weight * losses["where"]
         return losses
 

@@ -77,7 +77,7 @@ def test_goal_model_trains_on_the_frozen_world_model(tmp_path, tiny_dataset):
 def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary(tmp_path, tiny_dataset):
     cfg = config(tmp_path, tiny_dataset, "target=vla", "target.steps=6", "target.eval_every=6",
                  "target.policies=[mixed]", "target.eval_policies=[mixed]", "target.labels=expert",
-                 "target.model.where_weight=1.0", "target.model.width=32", "target.model.keypoints=4",
+                 "target.model.where_weight=1.0", "target.where_frames=4", "target.model.width=32", "target.model.keypoints=4",
                  "target.model.expert_width=32", "target.model.expert_blocks=1", "target.eval_windows=8", tiny=COMMON)
     final = train(cfg, tmp_path / "run")
     assert {"flow", "where", "chunk_abs_error"} <= set(final)
