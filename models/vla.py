@@ -108,8 +108,9 @@ class Backbone(nn.Module):
 class ConvBackbone(nn.Module):
     """A FiLM-conditioned CNN: the instruction scales and shifts every stage's channels (it says
     which colours matter), then spatial soft-argmax keypoints (where things are; some of them
-    steered by the instruction), a coarse 8x8 map and the state go through an MLP to the context [B, W]. Query tokens (the auxiliary) read the
-    context only: each is context + its own learned embedding."""
+    steered by the instruction), a coarse 8x8 map and the state go through an MLP to the context
+    [B, W]. Query tokens (the auxiliary) read the context only: each is context + its own learned
+    embedding."""
 
     CHANNELS = (32, 64, 128)
 
@@ -279,8 +280,9 @@ class VLA(nn.Module):
             if where.shape != (len(pixels), WHERE_DIM):
                 raise ValueError(f"where must be [B, {WHERE_DIM}] = [{len(pixels)}, {WHERE_DIM}], got {list(where.shape)}")
             known = torch.isfinite(where).all(1)
-            losses["where"] = F.mse_loss(self.where_head(context[known]), where[known])
-            losses["loss"] = losses["loss"] + cfg.where_weight * losses["where"]
+            if known.any():
+                losses["where"] = F.mse_loss(self.where_head(context[known]), where[known])
+                losses["loss"] = losses["loss"] + cfg.where_weight * losses["where"]
         return losses
 
     def latent_actions(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:

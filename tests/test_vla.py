@@ -178,6 +178,10 @@ def test_where_auxiliary_teaches_the_context_to_locate_the_target(backbone):
         opt.step()
     assert loss.item() < 0.2 * first  # the backbone learns to read these 8 targets from their observations
     assert "where" not in model(*args, generator=gen(0))  # no targets, no auxiliary
+    nan = float("nan")  # rows without actions (perception-only) or without where targets are skipped
+    partial = model(*args[:3], torch.cat([args[3][:4], torch.full_like(args[3][4:], nan)]),
+                    where=torch.cat([where[:2], torch.full_like(where[2:], nan)]), generator=gen(0))
+    assert all(torch.isfinite(v) for v in partial.values())
     with pytest.raises(ValueError, match="where must be"):
         model(*args, where=where[:, :2])
     assert make().where_head is None  # off by default: older checkpoints load unchanged
