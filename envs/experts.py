@@ -89,11 +89,11 @@ def _subgoals(info: dict) -> list[Subgoal]:
 
 def current_subgoal(info: dict) -> Subgoal | None:
     """The subgoal to work on: the next in order; once all were reached, any that slipped (None: none)."""
-    objects = np.asarray(info["object_pos"])[:, :2]
-    pads = dict(zip(info["task"]["pads"], np.asarray(info["pad_pos"])))
     subgoals = _subgoals(info)
     if info["stage"] < len(subgoals):
         return subgoals[info["stage"]]
+    objects = np.asarray(info["object_pos"])[:, :2]
+    pads = dict(zip(info["task"]["pads"], np.asarray(info["pad_pos"])))
     met = [subgoal_met(s, objects, np.asarray(info["pusher_pos"], dtype=float), pads) for s in subgoals]
     return next((s for s, m in zip(subgoals, met) if not m), None)
 
@@ -120,12 +120,13 @@ def replay_infos(task: dict, object_pos: np.ndarray, pad_pos: np.ndarray, pusher
     stores (object_pos [T, n, 3], pad_pos [T, p, 2], pusher_pos [T, 2], NaN-padded; the task spec),
     with the subgoal stage recomputed as the env tracks it."""
     n_obj, n_pad = len(task["objects"]), len(task["pads"])
+    subgoals = _subgoals({"task": task, "object_names": task["objects"]})
     stage = 0
     for t in range(len(pusher_pos)):
         info = {"task": task, "object_names": task["objects"], "object_pos": object_pos[t, :n_obj],
                 "pad_pos": pad_pos[t, :n_pad], "pusher_pos": pusher_pos[t]}
         pads = dict(zip(task["pads"], info["pad_pos"]))
-        met = [subgoal_met(s, info["object_pos"][:, :2], pusher_pos[t], pads) for s in _subgoals(info)]
+        met = [subgoal_met(s, info["object_pos"][:, :2], pusher_pos[t], pads) for s in subgoals]
         stage, _ = advance(stage, met)
         yield {**info, "stage": stage}
 
