@@ -74,11 +74,33 @@ def frames_of(ds, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndar
     return ds.starts[episodes] + t, episodes
 
 
+def fit_probe(model, train_ds, eval_ds, rng: np.random.Generator, frames: int,
+              alpha: float) -> tuple[PositionProbe, np.ndarray]:
+    """The probe fitted on the latents of `frames` random training frames, and its errors (metres)
+    on as many random held-out frames."""
+    from experiments.targets import encode_frames
+
+    train_frames, train_eps = frames_of(train_ds, rng, frames)
+    probe = PositionProbe(alpha).fit(encode_frames(model, train_ds, train_frames).numpy(),
+                                     colour_positions(train_ds, train_frames, train_eps))
+    eval_frames, eval_eps = frames_of(eval_ds, rng, frames)
+    return probe, probe.errors(encode_frames(model, eval_ds, eval_frames).numpy(),
+                               colour_positions(eval_ds, eval_frames, eval_eps))
+
+
+def imagined_probe_errors(probe: PositionProbe, ds, windows, imagined: torch.Tensor, chunk: int) -> list[np.ndarray]:
+    """Per horizon j: the probe's errors on imagined latents [B, H, D] of `windows` against where the
+    objects really were j + 1 chunks after each window's present."""
+    now = ds.starts[windows.episode] + windows.t
+    return [probe.errors(imagined[:, j].numpy(), colour_positions(ds, now + (j + 1) * chunk, windows.episode))
+            for j in range(imagined.shape[1])]
+
+
 def evaluate(cfg: DictConfig) -> dict:
     from envs.dataset import WindowSampler
     from envs.scene import TABLE_HALF
-    from experiments.targets import (SuccessfulEpisodes, encode_frames, goal_metrics, instruction_table,
-                                     open_dataset, rollout_errors, window_tensors)
+    from experiments.targets import (SuccessfulEpisodes, goal_metrics, instruction_table, open_dataset,
+                                     rollout_errors, window_tensors)
     from models import WorldModel
     from models.goal import GoalModel
 
@@ -98,22 +120,12 @@ def evaluate(cfg: DictConfig) -> dict:
                           for i, (m, c) in enumerate(zip(model_err, copy_err))]
 
     # 2. Linear probe on real latents, then on imagined ones.
-    train_frames, train_eps = frames_of(train_ds, rng, cfg.probe_frames)
-    probe = PositionProbe(cfg.probe_alpha).fit(encode_frames(model, train_ds, train_frames).numpy(),
-                                               colour_positions(train_ds, train_frames, train_eps))
-    eval_frames, eval_eps = frames_of(eval_ds, rng, cfg.probe_frames)
-    err = probe.errors(encode_frames(model, eval_ds, eval_frames).numpy(),
-                       colour_positions(eval_ds, eval_frames, eval_eps))
+    probe, err = fit_probe(model, train_ds, eval_ds, rng, cfg.probe_frames, cfg.probe_alpha)
     width = 2 * TABLE_HALF
     results["probe"] = {"mean_error_m": float(err.mean()), "mean_error_of_table_width": float(err.mean() / width),
                         "table_width_m": width}
-    now = eval_ds.starts[windows.episode] + windows.t
-    per_horizon = []
-    for j in range(cfg.max_horizon):
-        xy = colour_positions(eval_ds, now + (j + 1) * k, windows.episode)
-        e = probe.errors(imagined[:, j].numpy(), xy)
-        per_horizon.append({"horizon": j + 1, "mean_error_m": float(e.mean()),
-                            "mean_error_of_table_width": float(e.mean() / width)})
+    per_horizon = [{"horizon": j + 1, "mean_error_m": float(e.mean()), "mean_error_of_table_width": float(e.mean() / width)}
+                   for j, e in enumerate(imagined_probe_errors(probe, eval_ds, windows, imagined, k))]
     results["probe"]["imagined"] = per_horizon
 
     # 3. Goal retrieval and the critic.
