@@ -8,7 +8,9 @@ on the same fresh seeds.
 
 Prints a success table (95% Wilson intervals, planning time per replan) and writes
 `results.json` and, with video=true, `videos/<mode>_<family>.mp4`: the executed frames with the
-chosen plan's imagined end-state cost over time.
+chosen plan's imagined end-state cost over time. When `<checkpoints>/decoder` holds a pixel decoder
+(`foresight-train target=decoder`), each frame of a world-model mode also shows the chosen plan's
+imagined end state, decoded: for viewing only, the planner never sees it.
 """
 
 from __future__ import annotations
@@ -45,11 +47,27 @@ def load_models(checkpoints: str | Path, modes) -> dict:
                 raise FileNotFoundError(f"no {name} checkpoint in {root}; run `make train` or point "
                                         f"checkpoints= at a directory with {name}/")
             models[name] = loaders[name](root / name)
+    if need["world_model"] and (root / "decoder").is_dir():
+        models["decoder"] = load_decoder(root)
     return models
 
 
-def run_episode(env, controller, seed: int, family: str | None, video: bool, goal_model=None):
-    """One episode; returns its outcome and, with video, the captioned frames."""
+def load_decoder(root: Path):
+    """The pixel decoder in `root/decoder`, or None (with a warning) when it was trained on
+    another world model than `root/world_model`: its pictures would be meaningless."""
+    from models.decoder import PixelDecoder, world_model_digest
+
+    decoder = PixelDecoder.load(root / "decoder")
+    if decoder.cfg.world_model != world_model_digest(root / "world_model"):
+        tqdm.write(f"warning: {root / 'decoder'} was trained on another world model, so videos show no decoded "
+                   f"imagination; retrain it: foresight-train target=decoder world_model={root / 'world_model'}")
+        return None
+    return decoder
+
+
+def run_episode(env, controller, seed: int, family: str | None, video: bool, goal_model=None, decoder=None):
+    """One episode; returns its outcome and, with video, the captioned frames (with a decoder,
+    beside the decoded imagined end state of the chosen plan)."""
     obs, info = env.reset(seed=seed, options={"task": family} if family else None)
     controller.reset(obs["instruction"], seed=seed)
     plan_ms, evaluations, costs, frames = [], [], [], []
@@ -64,25 +82,38 @@ def run_episode(env, controller, seed: int, family: str | None, video: bool, goa
             evaluations.append(plan.evaluations)
             costs.append(plan.cost)
         if video:
-            frames.append(_frame(env, info, steps, success, plan, costs, goal_model, controller))
+            frames.append(_frame(env, info, steps, success, plan, costs, goal_model, controller, decoder))
         obs, _, success, truncated, info = env.step(action)
         steps += 1
         done = success or truncated
     if video:
-        frames.append(_frame(env, info, steps, success, plan, costs, goal_model, controller))
+        frames.append(_frame(env, info, steps, success, plan, costs, goal_model, controller, decoder))
     return {"seed": seed, "success": bool(success), "steps": steps, "plan_ms": plan_ms,
             "evaluations": evaluations}, frames
 
 
-def _frame(env, info, step, success, plan, costs, goal_model, controller):
+def _frame(env, info, step, success, plan, costs, goal_model, controller, decoder=None):
     lines = wrap_text(info["instruction"], 44)[:2]
     lines.append(f"{plan.mode}  step {step}/{info['task']['budget']}" + ("  success" if success else ""))
     if plan.latents is not None:
         with torch.no_grad():
             critic = float(goal_model.score(plan.latents[-1:], controller.lang)) if goal_model else float("nan")
         lines.append(f"imagined end: cost {plan.cost:.2f}  critic {critic:.1f}")
-    frame = captioned(env.render(), lines, height=64)
+    real = env.render()
+    frame = captioned(real, lines, height=64)
+    if decoder is not None:  # beside it, the chosen plan's imagined end state, decoded
+        image = _decoded(decoder, plan.latents[-1], real.shape[:2])
+        frame = np.concatenate([frame, captioned(image, ["imagined end of plan", "(decoded latent)"],
+                                                 height=frame.shape[0] - len(image))], axis=1)
     return np.concatenate([frame, _sparkline(costs, frame.shape[1], 40)], axis=0)
+
+
+def _decoded(decoder, z: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """The latent z [D] as an image of `size` (H, W), scaled with nearest neighbours."""
+    from PIL import Image
+
+    image = Image.fromarray(decoder.decode(z[None])[0].numpy())
+    return np.asarray(image.resize((size[1], size[0]), Image.NEAREST))
 
 
 def _sparkline(values, width: int, height: int) -> np.ndarray:
@@ -130,7 +161,8 @@ def main(cfg: DictConfig) -> None:
                 episodes = []
                 for ep in range(cfg.episodes):
                     video = bool(cfg.video) and ep < cfg.video_episodes
-                    outcome, frames = run_episode(env, controller, first_seed + ep, family, video, models.get("goal"))
+                    outcome, frames = run_episode(env, controller, first_seed + ep, family, video, models.get("goal"),
+                                                  models.get("decoder") if mode != "vla" else None)
                     episodes.append(outcome)
                     if video:
                         name = f"{mode}_{family}" if cfg.video_episodes == 1 else f"{mode}_{family}_{ep}"

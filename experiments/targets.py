@@ -21,13 +21,14 @@ from envs.dataset import EpisodeDataset, WindowSampler
 from envs.experts import expert_labels, replay_infos, subgoal_points
 from envs.scene import TABLE_HALF
 from models import WorldModel, WorldModelConfig, get_instruction_encoder
+from models.decoder import PixelDecoder, PixelDecoderConfig, world_model_digest
 from models.goal import GoalModel, GoalModelConfig
 from models.objectives import WorldModelLossConfig, WorldModelObjective
 from models.vla import VLA, VLAConfig
 
 
 def make_target(cfg: DictConfig):
-    targets = {"world_model": WorldModelTarget, "goal": GoalTarget, "vla": VLATarget}
+    targets = {"world_model": WorldModelTarget, "goal": GoalTarget, "vla": VLATarget, "decoder": DecoderTarget}
     if cfg.target.name not in targets:
         raise ValueError(f"unknown target {cfg.target.name!r}; choose one of {', '.join(targets)}")
     return targets[cfg.target.name](cfg)
@@ -158,6 +159,57 @@ class GoalTarget:
     def config(self) -> dict:
         return {"kind": "goal", "model": self.model_cfg.to_dict(), "train": OmegaConf.to_container(self.cfg.target),
                 "data": str(self.cfg.data), "world_model": str(self.cfg.world_model), "seed": self.cfg.seed}
+
+
+class DecoderTarget:
+    """The pixel decoder (for viewing only), on frames encoded by the frozen world model's target
+    encoder as each batch is drawn; the first camera's image is the reconstruction target."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.world_model = WorldModel.load(cfg.world_model)
+        size = self.world_model.cfg.image_size
+        self.model_cfg = PixelDecoderConfig(**cfg.target.model, latent_dim=self.world_model.cfg.latent_dim,
+                                            image_size=size, world_model=world_model_digest(cfg.world_model))
+        self.model = _build(cfg.seed, lambda: PixelDecoder(self.model_cfg))
+        self.objective, self.modules = self.model, {"decoder": self.model}
+        self.train_ds, eval_ds = open_dataset(cfg.data), open_dataset(cfg.eval_data)
+        for ds in (self.train_ds, eval_ds):
+            if ds.frames["pixels"].shape[2:4] != (size, size):
+                raise ValueError(f"{ds.path} has frames of {ds.frames['pixels'].shape[2:4]} pixels but the world "
+                                 f"model {cfg.world_model} takes {size}x{size}")
+        rng = np.random.default_rng(0)
+        n_eval = len(eval_ds.frames["pixels"])
+        self.eval_batch = self._frames(eval_ds, np.sort(rng.choice(n_eval, min(cfg.target.eval_frames, n_eval),
+                                                                   replace=False)))
+        # Baseline: the mean training frame, the best a decoder that ignores its latent can do.
+        some = rng.integers(len(self.train_ds.frames["pixels"]), size=4096)
+        self.mean_frame = torch.from_numpy(self.train_ds.frames["pixels"][some, 0]).float().mean(0) / 255
+
+    def _frames(self, ds: EpisodeDataset, frames: np.ndarray) -> dict[str, torch.Tensor]:
+        pixels = torch.from_numpy(ds.frames["pixels"][frames])
+        z = self.world_model.encode_target(pixels[None], torch.from_numpy(ds.frames["state"][frames])[None])[0]
+        return {"z": z, "pixels": pixels[:, 0]}
+
+    def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
+        return self._frames(self.train_ds, rng.integers(len(self.train_ds.frames["pixels"]), size=size))
+
+    def after_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out pixel MSE (on [0, 1]) and PSNR (dB), beside those of the mean training frame."""
+        z, target = self.eval_batch["z"], self.eval_batch["pixels"].float() / 255
+        decoded = torch.cat([self.model.images(part) for part in z.split(256)])
+        mse, mse_mean = float(((decoded - target) ** 2).mean()), float(((self.mean_frame - target) ** 2).mean())
+        return {"mse": mse, "psnr": -10 * np.log10(mse), "mse_mean_frame": mse_mean,
+                "psnr_mean_frame": -10 * np.log10(mse_mean), "frames": float(len(z))}
+
+    def config(self) -> dict:
+        return {"kind": "decoder", "model": self.model_cfg.to_dict(),
+                "train": OmegaConf.to_container(self.cfg.target), "data": str(self.cfg.data),
+                "world_model": str(self.cfg.world_model), "seed": self.cfg.seed}
 
 
 class SuccessfulEpisodes:
