@@ -9,9 +9,11 @@ the instruction; the world model imagines the chunks and the planner's own objec
 (planner/objective.py) gives the cost of the imagined end state against G(ℓ, z_0). H is the same for
 every episode of a task family (its step budget in whole chunks, else the longest episode's; or
 `horizon`), so a rollout's length says nothing about the episode's. Episodes with fewer actions
-(successes end early) are padded with their last action (pad=repeat), zeros (pad=zero), or skipped
-and counted (pad=skip). A padded tail can still betray the length: watch the Σ‖a‖ baseline (with
-pad=zero it alone separates noisy-expert tabletop successes at AUROC 0.93).
+(successes end early) are padded with zeros (pad=zero: the pusher rests once the episode is over,
+so the imagined end state is where the recorded actions led), their last action (pad=repeat: the
+imagined pusher keeps moving), or skipped and counted (pad=skip). The length itself tells success
+apart: watch the Σ‖a‖ baseline (with pad=zero it alone reaches AUROC 0.93 on noisy-expert
+tabletop episodes).
 Candidates mode: an .npz with pixels [N, (h,) V, H, W, 3] uint8, state [N, (h,) P], instructions [N],
 candidates [N, M, H, K, A] and optional labels [N, M]; a cost and a rank (1 = best) per candidate.
 Where labels exist: AUROC and Spearman of -cost against success, beside two baselines (the goal
@@ -127,7 +129,7 @@ def dataset_inputs(cfg: DictConfig, wm, out_dir: Path):
     ds.close()
     if not rows:
         raise ValueError(f"every selected episode is shorter than horizon={cfg.horizon} chunks of {c.chunk}; "
-                         f"lower horizon or use pad=repeat")
+                         f"lower horizon or use pad=zero")
     return rows, pixels, state, chunks, skipped
 
 

@@ -67,10 +67,13 @@ class WorldModelTarget:
         self.loss_cfg = WorldModelLossConfig(**t.loss)
         self.model_cfg = WorldModelConfig(
             **t.model, image_size=height, cameras=views, state_dim=self.train_ds.frames["state"].shape[1],
-            action_dim=self.train_ds.frames["action"].shape[1], ema_target=self.loss_cfg.regularizer == "ema")
-        self.model = _build(cfg.seed, lambda: WorldModel(self.model_cfg))
-        self.objective = WorldModelObjective(self.model, self.loss_cfg)
+            action_dim=self.train_ds.frames["action"].shape[1], ema_target=self.loss_cfg.regularizer == "ema",
+            state_scale=self.train_ds.frames["state"].std(0).clip(min=1e-3).tolist() if t.scale_state else None)
+        self.objective = _build(cfg.seed, lambda: WorldModelObjective(WorldModel(self.model_cfg), self.loss_cfg))
+        self.model = self.objective.model
         self.modules = {"world_model": self.model}
+        if self.objective.inverse_head is not None:  # trained, resumed, never shipped
+            self.training_heads = {"inverse_head": self.objective.inverse_head}
         k, h = self.model_cfg.chunk, self.model_cfg.history
         self.sampler = WindowSampler(self.train_ds, history=h, horizon=t.horizon, chunk=k, stride=k)
         self.lang, _ = instruction_table(self.train_ds)

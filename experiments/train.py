@@ -94,13 +94,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     ckpt_dir = run_dir / "checkpoint"
     target = make_target(cfg)
     params = [p for p in target.objective.parameters() if p.requires_grad]
+    # What a resume restores: the models, and any training-only heads of the objective.
+    resumable = {**target.modules, **getattr(target, "training_heads", {})}
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
 
     start = 0
     if cfg.resume:
         try:
             state, _ = load_checkpoint(ckpt_dir)
-            load_into(target.modules, state)
+            load_into(resumable, state)
             saved = load_training_state(ckpt_dir)
             optimizer.load_state_dict(saved.optimizer_state)
             start = saved.step
@@ -115,7 +117,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     def checkpoint(step: int) -> None:
         if rank == 0:
-            save_checkpoint(ckpt_dir, target.modules, target.config())
+            save_checkpoint(ckpt_dir, resumable, target.config())
             save_training_state(ckpt_dir, optimizer.state_dict(), {}, step)
 
     local_batch = tcfg.batch // world

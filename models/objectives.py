@@ -3,6 +3,16 @@
     L = multistep · mean_k ‖ĝ_k − sg[f̄(o_{t+kK})]‖²       open-loop rollout over H chunks
       + onestep   · mean_k ‖g(z_{≤t+(k-1)K}, a_k, ℓ) − sg[f̄(o_{t+kK})]‖²   teacher forcing
       + λ · R(Z)
+      + inverse  · mean_k ‖I(z_{t+(k-1)K}, z_{t+kK}) − a_k‖²   inverse dynamics (a training-only head I)
+      + contrast · mean_k CE(softmax_j(−‖ĝ_k − z_j‖² / τ), j = t+kK)   over the window's frames j
+
+Why the last two: the tabletop's scenes differ far more from one another (colours, objects, pads)
+than a scene changes within an episode, so prediction plus SIGReg alone is satisfied by a latent of
+the static scene that ignores the pusher (a linear probe found no pusher position in it) and that
+copying the last latent predicts as well as the model. Inverse dynamics makes the latent see what
+the actions move; the temporal contrast makes each imagined latent tell its own future frame from
+the window's others, so what changes must be encoded, and predicted. Both use only the episode's
+own frames and actions: no privileged state.
 
 R is SIGReg on the online latents (no target network: f̄ = f with a stop-gradient), or, with an
 EMA target encoder f̄, VICReg's variance/covariance terms; `none` exists to show collapse.
@@ -33,6 +43,11 @@ class WorldModelLossConfig:
     covariance_weight: float = 0.04  # of the covariance term relative to the variance term (ema)
     multistep: float = 1.0
     onestep: float = 1.0
+    inverse: float = 0.0  # weight of the inverse-dynamics term: (z_t, z_{t+K}) must tell the chunk
+    # Weight of the temporal-contrast term: each imagined latent must be nearer its own frame's latent
+    # than the other frames of its window (InfoNCE on the per-dimension squared distance / temperature).
+    contrast: float = 0.0
+    contrast_temperature: float = 0.05
 
     def __post_init__(self):
         if self.regularizer not in REGULARIZERS:
@@ -50,6 +65,9 @@ class WorldModelObjective(nn.Module):
         if (cfg.regularizer == "ema") != model.cfg.ema_target:
             raise ValueError("the ema regularizer needs a world model built with ema_target=True, and only it does")
         self.model, self.cfg = model, cfg
+        c = model.cfg
+        self.inverse_head = (nn.Sequential(nn.Linear(2 * c.latent_dim, 256), nn.SiLU(), nn.Linear(256, c.chunk * c.action_dim))
+                             if cfg.inverse > 0 else None)
 
     def after_step(self) -> None:
         self.model.update_target(self.cfg.ema_decay)
@@ -65,13 +83,21 @@ class WorldModelObjective(nn.Module):
         z = self.model.encode(frames, states)  # [B, h + H, D], online
         target = z.detach()[:, h:] if not self.model.cfg.ema_target else self.model.encode_target(frames, states)[:, h:]
         out = {}
-        out["multistep"] = F.mse_loss(self.model.rollout(z[:, :h], actions, lang), target)
+        pred = self.model.rollout(z[:, :h], actions, lang)
+        out["multistep"] = F.mse_loss(pred, target)
         # Teacher forcing: every chunk k predicted from the h online latents just before it.
         n_chunks = actions.shape[1]
         hist = z[:, :-1].unfold(1, h, 1).permute(0, 1, 3, 2)  # [B, H, h, D]
         lang_cond = self.model.predictor.language_condition(lang).repeat_interleave(n_chunks, 0)
         one = self.model.predictor.step(hist.flatten(0, 1), actions.flatten(0, 1), lang_cond)
         out["onestep"] = F.mse_loss(one, target.flatten(0, 1))
+        if self.inverse_head is not None:
+            pairs = torch.cat([z[:, h - 1:-1], z[:, h:]], dim=-1)  # consecutive latents around each chunk
+            out["inverse"] = F.mse_loss(self.inverse_head(pairs), actions.flatten(2))
+        if cfg.contrast > 0:
+            d = ((pred[:, :, None] - z[:, None]) ** 2).mean(-1)  # [B, H, h + H]: imagined vs every frame
+            labels = torch.arange(h, h + pred.shape[1], device=d.device).expand(len(d), -1)
+            out["contrast"] = F.cross_entropy((-d / cfg.contrast_temperature).flatten(0, 1), labels.flatten())
         flat = z.flatten(0, 1)
         if cfg.regularizer == "sigreg":
             out["sigreg"] = sigreg(flat, cfg.projections, generator)
@@ -82,6 +108,10 @@ class WorldModelObjective(nn.Module):
         else:
             reg = flat.new_zeros(())
         out["loss"] = cfg.multistep * out["multistep"] + cfg.onestep * out["onestep"] + cfg.weight * reg
+        if self.inverse_head is not None:
+            out["loss"] = out["loss"] + cfg.inverse * out["inverse"]
+        if cfg.contrast > 0:
+            out["loss"] = out["loss"] + cfg.contrast * out["contrast"]
         out["latent_std"] = torch.tensor(latent_std(flat))
         out["effective_rank"] = torch.tensor(effective_rank(flat))
         return out

@@ -26,12 +26,16 @@ class WorldModelConfig:
     image_size: int = 64
     cameras: int = 1
     state_dim: int = 4
+    # The state is divided by this (the training data's std per entry) so it enters the encoder at
+    # the scale of the image features; None leaves it as it is.
+    state_scale: list[float] | None = None
     action_dim: int = 2
     chunk: int = 8  # K: actions per chunk
     history: int = 2  # h: latents the predictor sees
     latent_dim: int = 128  # D
     encoder: str = "cnn"  # "cnn" or "vit"
     keypoints: int = 32  # of the cnn encoder's spatial soft-argmax
+    grid: int = 4  # side of the cnn encoder's last feature map, flattened into the latent (4 or 8)
     # The predictor is sized for the planner's budget (foresight-bench world_model): about
     # 0.5 MFLOP per imagined chunk-step.
     width: int = 128
@@ -48,8 +52,9 @@ class WorldModelConfig:
 class CNNEncoder(nn.Module):
     """RGB (per camera, stacked as channels) and the state vector -> a latent of width D.
 
-    A 4x4 stride-4 stem (patchify) and two stride-2 convolutions (64x64 -> 4x4x128, flattened),
-    beside a spatial soft-argmax on the stem's features: each of `keypoints` maps becomes the
+    A 4x4 stride-4 stem (patchify) and stride-2 convolutions down to a map of `grid` cells a side
+    (64x64 -> 8x8x64 in the recipe, or 4x4x128), flattened: the finer grid says more precisely
+    where things are, and costs less. Beside it, a spatial soft-argmax on the stem's features: each of `keypoints` maps becomes the
     expected (x, y) of its activation, a form of "where things are" that the predictor and a
     linear probe can read directly. (Keypoints alone let the latent collapse onto the state
     vector, to an effective rank of 3; a full-resolution stride-2 stem costs 5x more.)
@@ -59,15 +64,18 @@ class CNNEncoder(nn.Module):
         super().__init__()
         if cfg.image_size % 16:
             raise ValueError(f"the cnn encoder needs an image size divisible by 16, got {cfg.image_size}")
+        if cfg.grid not in (4, 8):
+            raise ValueError(f"the cnn encoder's grid must be 4 or 8, got {cfg.grid}")
         self.stem = nn.Sequential(nn.Conv2d(3 * cfg.cameras, 32, 4, stride=4), nn.GroupNorm(8, 32), nn.SiLU())
-        self.conv = nn.Sequential(
-            nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.GroupNorm(8, 64), nn.SiLU(),
-            nn.Conv2d(64, 128, 4, stride=2, padding=1), nn.GroupNorm(8, 128), nn.SiLU())
+        layers = [nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.GroupNorm(8, 64), nn.SiLU()]
+        if cfg.grid == 4:
+            layers += [nn.Conv2d(64, 128, 4, stride=2, padding=1), nn.GroupNorm(8, 128), nn.SiLU()]
+        self.conv = nn.Sequential(*layers)
         self.keypoint_maps = nn.Conv2d(32, cfg.keypoints, 1)
         side = torch.linspace(-1.0, 1.0, cfg.image_size // 4)
         ys, xs = torch.meshgrid(side, side, indexing="ij")
         self.register_buffer("grid", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
-        flat = 128 * (cfg.image_size // 16) ** 2
+        flat = (128 if cfg.grid == 4 else 64) * (cfg.image_size * cfg.grid // 64) ** 2
         self.proj = nn.Sequential(nn.Linear(flat + 2 * cfg.keypoints + cfg.state_dim, 512), nn.SiLU(),
                                   nn.Linear(512, cfg.latent_dim))
 
@@ -159,6 +167,10 @@ class WorldModel(nn.Module):
         self.encoder = CNNEncoder(cfg) if cfg.encoder == "cnn" else ViTEncoder(cfg)
         self.predictor = Predictor(cfg)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False) if cfg.ema_target else None
+        scale = torch.tensor(cfg.state_scale if cfg.state_scale else [1.0] * cfg.state_dim, dtype=torch.float32)
+        if scale.shape != (cfg.state_dim,):
+            raise ValueError(f"state_scale has {len(scale)} entries; the state has {cfg.state_dim}")
+        self.register_buffer("state_scale", scale, persistent=False)  # saved in the config
 
     @classmethod
     def load(cls, directory) -> "WorldModel":
@@ -169,7 +181,7 @@ class WorldModel(nn.Module):
     def encode(self, pixels: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """pixels uint8 [B, T, V, H, W, 3], state [B, T, P] -> latents [B, T, D]."""
         b, t = pixels.shape[:2]
-        z = self.encoder(pixels.flatten(0, 1), state.flatten(0, 1))
+        z = self.encoder(pixels.flatten(0, 1), (state / self.state_scale).flatten(0, 1))
         return z.view(b, t, -1)
 
     @torch.no_grad()
@@ -178,7 +190,7 @@ class WorldModel(nn.Module):
         if self.target_encoder is None:
             return self.encode(pixels, state)
         b, t = pixels.shape[:2]
-        return self.target_encoder(pixels.flatten(0, 1), state.flatten(0, 1)).view(b, t, -1)
+        return self.target_encoder(pixels.flatten(0, 1), (state / self.state_scale).flatten(0, 1)).view(b, t, -1)
 
     @torch.no_grad()
     def update_target(self, decay: float) -> None:
