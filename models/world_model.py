@@ -35,7 +35,7 @@ class WorldModelConfig:
     latent_dim: int = 128  # D
     encoder: str = "cnn"  # "cnn" or "vit"
     keypoints: int = 32  # of the cnn encoder's spatial soft-argmax
-    grid: int = 4  # side of the cnn encoder's last feature map, flattened into the latent (4 or 8)
+    grid: int = 4  # side of the cnn encoder's last feature map at 64x64 input, flattened (4 or 8)
     # The predictor is sized for the planner's budget (foresight-bench world_model): about
     # 0.5 MFLOP per imagined chunk-step.
     width: int = 128
@@ -54,10 +54,11 @@ class CNNEncoder(nn.Module):
 
     A 4x4 stride-4 stem (patchify) and stride-2 convolutions down to a map of `grid` cells a side
     (64x64 -> 8x8x64 in the recipe, or 4x4x128), flattened: the finer grid says more precisely
-    where things are, and costs less. Beside it, a spatial soft-argmax on the stem's features: each of `keypoints` maps becomes the
-    expected (x, y) of its activation, a form of "where things are" that the predictor and a
-    linear probe can read directly. (Keypoints alone let the latent collapse onto the state
-    vector, to an effective rank of 3; a full-resolution stride-2 stem costs 5x more.)
+    where things are, and costs less. Beside it, a spatial soft-argmax on the stem's features:
+    each of `keypoints` maps becomes the expected (x, y) of its activation, a form of "where things
+    are" that the predictor and a linear probe can read directly. (Keypoints alone let the latent
+    collapse onto the state vector, to an effective rank of 3; a full-resolution stride-2 stem
+    costs 5x more.)
     """
 
     def __init__(self, cfg: WorldModelConfig):

@@ -1,5 +1,6 @@
 """World-model modules: shapes, AdaLN-zero start, language switch, and no leakage from the future."""
 
+import pytest
 import torch
 
 from models.world_model import WorldModel, WorldModelConfig
@@ -66,3 +67,15 @@ def test_vit_encoder_option():
     wm = make(encoder="vit")
     pixels, state = batch(b=2, t=1)
     assert wm.encode(pixels, state).shape == (2, 1, 128)
+
+
+def test_state_is_standardised_by_state_scale_and_bad_settings_are_refused():
+    pixels, state = batch()
+    plain, scaled = make(grid=8), make(grid=8, state_scale=[2.0, 2.0, 4.0, 4.0])
+    scale = torch.tensor([2.0, 2.0, 4.0, 4.0])
+    assert torch.allclose(scaled.encode(pixels, state * scale), plain.encode(pixels, state), atol=1e-5)
+    assert not torch.allclose(scaled.encode(pixels, state), plain.encode(pixels, state), atol=1e-3)
+    with pytest.raises(ValueError, match="state_scale has 2 entries"):
+        make(state_scale=[1.0, 1.0])
+    with pytest.raises(ValueError, match="grid must be 4 or 8"):
+        make(grid=6)
