@@ -186,6 +186,7 @@ def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.out)
     wm_dirs = {name: checkpoint(d, "world_model", name) for name, d in cfg.variants.items()}
+    world_models = {name: WorldModel.load(d) for name, d in wm_dirs.items()}  # shared by both parts
     lines = {}
     if cfg.closed_loop:  # check every checkpoint before any work
         (_, vla0_dir), *extra = [(n, checkpoint(d, "vla", n)) for n, d in cfg.vla_variants.items()]
@@ -197,10 +198,9 @@ def main(cfg: DictConfig) -> None:
         combos = {**{n: (n, vla0_dir) for n in wm_dirs}, **{n: (wm0, d) for n, d in extra}}
         for name, (wm_name, vla_dir) in combos.items():
             paths = {"world_model": str(wm_dirs[wm_name]), "goal": str(goal_dirs[wm_name]), "vla": str(vla_dir)}
-            lines[name] = (paths, (WorldModel.load(paths["world_model"]), GoalModel.load(paths["goal"]),
-                                   VLA.load(paths["vla"])))
+            lines[name] = (paths, (world_models[wm_name], GoalModel.load(paths["goal"]), VLA.load(paths["vla"])))
     results = {"config": OmegaConf.to_container(cfg, resolve=True),
-               "open_loop": open_loop(cfg, {name: WorldModel.load(d) for name, d in wm_dirs.items()})}
+               "open_loop": open_loop(cfg, world_models)}
     if lines:
         results["closed_loop"] = closed_loop(cfg, lines)
     variants = results["open_loop"]["variants"]
