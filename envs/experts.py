@@ -107,12 +107,28 @@ def _subgoal_goal(sub: Subgoal, objects: np.ndarray, info: dict) -> np.ndarray:
     return objects[sub.object]
 
 
-def subgoal_points(info: dict) -> np.ndarray:
-    """What the task is about right now, [4]: the (x, y) of the current subgoal's object and of
-    where it must go (the last subgoal's once all hold). A training signal for perception only."""
-    objects = np.asarray(info["object_pos"])[:, :2]
-    sub = current_subgoal(info) or _subgoals(info)[-1]
-    return np.concatenate([objects[sub.object], _subgoal_goal(sub, objects, info)]).astype(np.float32)
+MAX_SUBGOALS = 2  # the longest task (two_step)
+N_NAMED_POINTS = 1 + 2 * MAX_SUBGOALS
+PAD_TOP = 0.002  # height of a pad's upper face
+PUSHER_TOP = 0.051  # height of the pusher's upper face
+
+
+def named_points(info: dict) -> np.ndarray:
+    """The pusher, then the visible things the instruction names in its order, [N_NAMED_POINTS, 3]
+    world points: each subgoal's object and the place it must go (a pad; for touch, the object
+    itself); NaN where there is none (a region is not a thing in view; a one-step task has no
+    second subgoal). A training signal for perception only."""
+    out = np.full((N_NAMED_POINTS, 3), np.nan, np.float32)
+    out[0] = (*info["pusher_pos"], PUSHER_TOP)
+    objects = np.asarray(info["object_pos"], dtype=float)
+    for k, sub in enumerate(_subgoals(info)):
+        out[1 + 2 * k] = objects[sub.object]
+        if sub.kind == "touch":
+            out[2 + 2 * k] = objects[sub.object]
+        elif sub.kind == "pad":
+            out[2 + 2 * k, :2] = np.asarray(info["pad_pos"])[info["task"]["pads"].index(sub.target)]
+            out[2 + 2 * k, 2] = PAD_TOP
+    return out
 
 
 def replay_infos(task: dict, object_pos: np.ndarray, pad_pos: np.ndarray, pusher_pos: np.ndarray):

@@ -57,8 +57,9 @@ CAMERAS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]
 CAMERA_FOVY = 50.0
 
 
-def look_at(pos, target, up=(0.0, 1.0, 0.0)) -> np.ndarray:
-    """Quaternion (w, x, y, z) of a MuJoCo camera at `pos` looking at `target`.
+def camera_axes(pos, target, up=(0.0, 1.0, 0.0)) -> np.ndarray:
+    """The rotation [3, 3] whose columns are the camera's right, up and back axes in the world frame,
+    for a camera at `pos` looking at `target`.
 
     A MuJoCo camera looks along its -z axis with +y up in the image. `up` is only a hint; for
     views that are not straight down, world +z is used so the horizon stays level.
@@ -69,11 +70,23 @@ def look_at(pos, target, up=(0.0, 1.0, 0.0)) -> np.ndarray:
     up = np.asarray(up, float) if abs(back[2]) > 0.99 else np.array([0.0, 0.0, 1.0])
     right = np.cross(up, back)
     right /= np.linalg.norm(right)
-    cam_up = np.cross(back, right)
-    rot = np.stack([right, cam_up, back], axis=1)  # columns: camera x, y, z in world frame
+    return np.stack([right, np.cross(back, right), back], axis=1)
+
+
+def look_at(pos, target) -> np.ndarray:
+    """Quaternion (w, x, y, z) of a MuJoCo camera at `pos` looking at `target`."""
     quat = np.zeros(4)
-    mujoco.mju_mat2Quat(quat, rot.flatten())
+    mujoco.mju_mat2Quat(quat, camera_axes(pos, target).flatten())
     return quat
+
+
+def image_coords(points, camera: str = "top") -> np.ndarray:
+    """Where world points [..., 3] appear in a square image of the named camera at its nominal
+    pose: [..., 2] as (u, v), from -1 at the left / top edge to 1 at the right / bottom edge."""
+    pos, target = CAMERAS[camera]
+    cam = (np.asarray(points, float) - pos) @ camera_axes(pos, target)  # camera frame: x right, y up, z back
+    focal = 1.0 / np.tan(np.radians(CAMERA_FOVY) / 2)
+    return focal * np.stack([cam[..., 0], -cam[..., 1]], axis=-1) / -cam[..., 2:3]
 
 
 def pad_rgb(colour: str) -> tuple[float, float, float]:

@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from envs import TABLETOP_ID
 from envs.dataset import EpisodeDataset, WindowSampler
-from envs.experts import expert_labels, replay_infos, subgoal_points
-from envs.scene import TABLE_HALF
+from envs.experts import N_NAMED_POINTS, expert_labels, named_points, replay_infos
+from envs.scene import image_coords
 from models import WorldModel, WorldModelConfig, get_instruction_encoder
 from models.decoder import PixelDecoder, PixelDecoderConfig, world_model_digest
 from models.goal import GoalModel, GoalModelConfig
@@ -268,12 +268,14 @@ def goal_metrics(model: GoalModel, episodes: SuccessfulEpisodes) -> dict[str, fl
             "critic_instruction_top1": critic_top1, "critic_final_above_first": order, "episodes": float(len(e))}
 
 
-def random_shift(pixels: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
-    """Augmentation: each image [B, V, H, W, 3] shifted by up to `pad` pixels (edges repeated)."""
+def random_shift(pixels: np.ndarray, pad: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Augmentation: each image [B, V, H, W, 3] shifted by up to `pad` pixels (edges repeated).
+    Returns the images and how far their content moved, [B, 2] as (right, down) pixels."""
     b, _, h, w, _ = pixels.shape
     padded = np.pad(pixels, ((0, 0), (0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
     dy, dx = rng.integers(0, 2 * pad + 1, size=(2, b))
-    return np.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+    shifted = np.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+    return shifted, np.stack([pad - dx, pad - dy], axis=1)
 
 
 def tabletop_truth(ds: EpisodeDataset, i: int, option: str) -> tuple[np.ndarray, ...]:
@@ -298,14 +300,16 @@ def relabel_with_expert(ds: EpisodeDataset, episodes: np.ndarray) -> None:
         ds.frames["action"][lo:lo + n] = expert_labels(ds.task(i), *tabletop_truth(ds, i, "target.labels=expert"))[:n]
 
 
-def subgoal_targets(ds: EpisodeDataset, episodes: np.ndarray) -> np.ndarray:
-    """Per frame [N, 4], in units of the table's half-width: where the current subgoal's object is
-    and where it must go (`envs.experts.subgoal_points`); NaN outside `episodes`."""
-    out = np.full((len(ds.frames["state"]), 4), np.nan, np.float32)
+def named_point_targets(ds: EpisodeDataset, episodes: np.ndarray) -> np.ndarray:
+    """Per frame [N, N_NAMED_POINTS, 2]: where the pusher and the things the instruction names
+    (`envs.experts.named_points`) appear in the first camera's image, as (u, v) in [-1, 1]; NaN
+    where unseen or outside `episodes`."""
+    out = np.full((len(ds.frames["state"]), N_NAMED_POINTS, 2), np.nan, np.float32)
+    camera = ds.meta.cameras[0]
     for i in episodes:
         lo, n = int(ds.starts[i]), int(ds.lengths[i])
         infos = replay_infos(ds.task(i), *tabletop_truth(ds, i, "target.model.where_weight > 0"))
-        out[lo:lo + n + 1] = np.stack([subgoal_points(info) for info in infos]) / TABLE_HALF
+        out[lo:lo + n + 1] = image_coords(np.stack([named_points(info) for info in infos]), camera)
     return out
 
 
@@ -345,7 +349,7 @@ class VLATarget:
             if self.model_cfg.where_weight > 0:
                 # With where_frames the "where" head also sees frames of every training episode.
                 located = np.arange(len(ds)) if ds is self.train_ds and t.get("where_frames") else keep
-                self.where.append(torch.from_numpy(subgoal_targets(ds, located)))
+                self.where.append(torch.from_numpy(named_point_targets(ds, located)))
             self.samplers.append(WindowSampler(ds, history=1, horizon=horizon, chunk=self.model_cfg.chunk,
                                                episodes=keep))
             self.langs.append(instruction_table(ds)[0])
@@ -371,15 +375,16 @@ class VLATarget:
                  demonstrations: bool):
         """`size` windows of `sampler` as model inputs (NaN actions unless `demonstrations`)."""
         w = sampler.sample(rng, size)
-        pixels = w.pixels[:, -1]
+        pixels, moved = w.pixels[:, -1], np.zeros((len(w.t), 2))
         if split == 0 and self.cfg.target.get("shift"):
-            pixels = random_shift(pixels, int(self.cfg.target.shift), rng)
+            pixels, moved = random_shift(pixels, int(self.cfg.target.shift), rng)
         actions = torch.from_numpy(w.actions[:, 0])
         out = {"pixels": torch.from_numpy(pixels), "state": torch.from_numpy(w.state[:, -1]),
                "lang": self.langs[split][torch.from_numpy(w.episode)],
                "actions": actions if demonstrations else torch.full_like(actions, float("nan"))}
         if self.where:
-            out["where"] = self.where[split][torch.from_numpy(sampler.ds.starts[w.episode] + w.t)]
+            where = self.where[split][torch.from_numpy(sampler.ds.starts[w.episode] + w.t)]
+            out["where"] = where + torch.from_numpy(2 * moved / np.array(pixels.shape[3:1:-1])).float()[:, None]  # follow the shift
         return w, out
 
     def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from .world_model import LANG_DIM, AdaLNBlock
 
 TIME_FEATURES = 64  # sinusoidal features of the flow time τ
-WHERE_DIM = 4  # (x, y) of the current subgoal's object and of where it must go
 
 
 @dataclass
@@ -45,6 +44,7 @@ class VLAConfig:
     patch: int = 8  # the conv stem's patch size: (image_size / patch)² image tokens (vit)
     keypoints: int = 32  # spatial soft-argmax keypoints (cnn)
     language_points: int = 0  # soft-argmax points whose 1x1 filters the instruction writes (cnn)
+    coarse: bool = True  # the context also reads a coarse 8x8 feature map (cnn)
     expert_width: int = 256  # the action expert's
     expert_blocks: int = 3
     flow_steps: int = 10  # Euler steps at sampling
@@ -52,7 +52,7 @@ class VLAConfig:
     latent_dim: int = 128  # the world model's latent width, for the auxiliary
     aux_horizon: int = 4  # future chunks the auxiliary predicts
     aux_weight: float = 0.0  # weight of the VLA-JEPA auxiliary loss (0: off)
-    where_weight: float = 0.0  # weight of the "where" auxiliary: the context must locate the task (0: off)
+    where_weight: float = 0.0  # weight of the "where" auxiliary: language points find what is named (0: off)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,9 +89,9 @@ class Backbone(nn.Module):
                                             enable_nested_tensor=False)  # pre-norm layers cannot use it
 
     def forward(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
-                queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         """pixels uint8 [B, V, H, W, 3], state [B, P] (normalised), lang [B, L], queries [Q, W] or
-        None -> context [B, W], query outputs [B, Q, W] or None."""
+        None -> context [B, W], query outputs [B, Q, W] or None, and no language maps."""
         b, v, h, w, _ = pixels.shape
         x = pixels.permute(0, 1, 4, 2, 3).reshape(b, v * 3, h, w).float() / 127.5 - 1.0
         tokens = torch.cat([self.stem(x).flatten(2).transpose(1, 2), self.state(state)[:, None],
@@ -102,7 +102,7 @@ class Backbone(nn.Module):
             mask = torch.zeros(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device)
             mask[:n_obs, n_obs:] = True  # observation tokens never attend to the queries
         out = self.blocks(tokens, mask=mask)
-        return out[:, :n_obs].mean(1), (out[:, n_obs:] if queries is not None else None)
+        return out[:, :n_obs].mean(1), (out[:, n_obs:] if queries is not None else None), None
 
 
 class ConvBackbone(nn.Module):
@@ -126,32 +126,60 @@ class ConvBackbone(nn.Module):
         nn.init.zeros_(self.film.weight)  # starts as the identity modulation
         nn.init.zeros_(self.film.bias)
         self.keypoint_maps = nn.Conv2d(c3, cfg.keypoints, 1)
-        self.coarse = nn.Conv2d(c3, 32, 3, stride=2, padding=1)
-        side = torch.linspace(-1.0, 1.0, cfg.image_size // 4)
+        cells = cfg.image_size // 4
+        side = (torch.arange(cells) + 0.5) / cells * 2 - 1  # cell centres in image coordinates [-1, 1]
         ys, xs = torch.meshgrid(side, side, indexing="ij")
         self.register_buffer("grid", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
         # Language points: the instruction writes 1x1 filters, so a point can follow "the blue cylinder"
         # or "the green pad" wherever it is, which fixed keypoints can only do through FiLM.
         self.language_points = nn.Linear(LANG_DIM, cfg.language_points * c3) if cfg.language_points else None
-        inputs = 2 * (cfg.keypoints + cfg.language_points) + 32 * (cfg.image_size // 8) ** 2 + cfg.state_dim + LANG_DIM
+        self.coarse = nn.Conv2d(c3, 32, 3, stride=2, padding=1) if cfg.coarse else None
+        # Where the language points lie relative to one another (object to pusher, pad to object):
+        # what the action depends on, given directly rather than left for the head to subtract.
+        pairs = torch.triu_indices(cfg.language_points, cfg.language_points, offset=1)
+        self.register_buffer("pairs", pairs, persistent=False)
+        inputs = (2 * (cfg.keypoints + cfg.language_points + pairs.shape[1]) + cfg.state_dim + LANG_DIM
+                  + (32 * (cfg.image_size // 8) ** 2 if cfg.coarse else 0))
         self.head = nn.Sequential(nn.Linear(inputs, 2 * cfg.width), nn.SiLU(), nn.Linear(2 * cfg.width, cfg.width))
 
     def forward(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
-                queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As `Backbone.forward`."""
+                queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """As `Backbone.forward`, and the language points' logits over the feature map's cells
+        [B, language_points, (H/4)·(W/4)] (None without language points)."""
         b, v, h, w, _ = pixels.shape
         x = pixels.permute(0, 1, 4, 2, 3).reshape(b, v * 3, h, w).float() / 127.5 - 1.0
         films = self.film(lang).split([2 * c for c in self.CHANNELS], dim=1)
         for conv, norm, film in zip(self.convs, self.norms, films):
             scale, shift = film[:, :, None, None].chunk(2, dim=1)
             x = F.silu(norm(conv(x)) * (1 + scale) + shift)
-        maps = self.keypoint_maps(x).flatten(2)  # [B, keypoints, cells]
+        maps, named = self.keypoint_maps(x).flatten(2), None  # [B, keypoints, cells]
         if self.language_points is not None:
             filters = self.language_points(lang).view(b, -1, x.shape[1])  # [B, language_points, C]
-            maps = torch.cat([maps, filters @ x.flatten(2) / math.sqrt(x.shape[1])], dim=1)
+            named = filters @ x.flatten(2) / math.sqrt(x.shape[1])
+            maps = torch.cat([maps, named], dim=1)
         keypoints = torch.softmax(maps, dim=-1) @ self.grid  # [B, keypoints (+ language points), 2]
-        context = self.head(torch.cat([keypoints.flatten(1), F.silu(self.coarse(x)).flatten(1), state, lang], dim=1))
-        return context, (context[:, None] + queries if queries is not None else None)
+        points = keypoints[:, self.keypoint_maps.out_channels:]
+        relations = points[:, self.pairs[0]] - points[:, self.pairs[1]]  # [B, pairs, 2]
+        coarse = [F.silu(self.coarse(x)).flatten(1)] if self.coarse is not None else []
+        context = self.head(torch.cat([keypoints.flatten(1), relations.flatten(1), *coarse, state, lang], dim=1))
+        return context, (context[:, None] + queries if queries is not None else None), named
+
+
+def heatmap(points: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Points [N, 2] in image coordinates -> a distribution over the cells whose centres `grid`
+    [n·n, 2] lists row by row [N, n·n]: each point spread bilinearly over its four nearest cells,
+    so the distribution's mean is the point itself (clamped to the outer cell centres)."""
+    n = math.isqrt(len(grid))
+    cell = ((points + 1) / 2 * n - 0.5).clamp(0, n - 1)  # continuous (column, row) index
+    low = cell.floor().clamp(max=n - 2)
+    frac = cell - low
+    out = points.new_zeros(len(points), n, n)
+    rows = torch.arange(len(points), device=points.device)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            weight = (frac[:, 0] if dx else 1 - frac[:, 0]) * (frac[:, 1] if dy else 1 - frac[:, 1])
+            out[rows, (low[:, 1] + dy).long(), (low[:, 0] + dx).long()] += weight
+    return out.flatten(1)
 
 
 class ActionExpert(nn.Module):
@@ -211,7 +239,9 @@ class VLA(nn.Module):
         # The auxiliary always exists (checkpoints load whatever aux_weight is); it costs nothing when off.
         self.aux_queries = nn.Parameter(torch.randn(cfg.aux_horizon, cfg.width) * 0.02)
         self.aux_head = nn.Linear(cfg.width, cfg.latent_dim)
-        self.where_head = nn.Linear(cfg.width, WHERE_DIM) if cfg.where_weight > 0 else None
+        if cfg.where_weight > 0 and (cfg.backbone != "cnn" or cfg.language_points < 1):
+            raise ValueError("the where auxiliary trains the language points: it needs backbone=cnn and "
+                             f"language_points ≥ 1, got backbone={cfg.backbone}, language_points={cfg.language_points}")
         for name, dim in (("action", cfg.action_dim), ("state", cfg.state_dim)):
             self.register_buffer(f"{name}_mean", torch.zeros(dim))
             self.register_buffer(f"{name}_std", torch.ones(dim))
@@ -245,15 +275,17 @@ class VLA(nn.Module):
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The training losses. pixels uint8 [B, V, H, W, 3], state [B, P], lang [B, L], actions
         [B, K, A] (raw), future_latents [B, aux_horizon, D] (targets: the world model's sg[f̄] of the
-        next chunks' end frames), where [B, 4] (targets: the privileged positions of the current
-        subgoal's object and goal, scaled to about ±1) -> {"flow", "loss"} (+ "jepa" when aux_weight
+        next chunks' end frames), where [B, P, 2] (targets: where the first P ≤ language_points
+        things the instruction names appear in the image, (u, v) in [-1, 1], NaN if unseen) -> {"flow", "loss"} (+ "jepa" when aux_weight
         > 0, "where" when where_weight > 0, and their targets are given). τ ~ U(0, 1) and ε ~ N(0, I)
         come from `generator`. Rows whose actions are NaN are not demonstrations: they train only
-        the "where" head (rows whose `where` is NaN do not).
+        the "where" auxiliary (points whose `where` is NaN do not).
 
         The "where" auxiliary is privileged supervision at training time only (the policy never
-        reads positions): it makes the backbone localise what the instruction names, which flow
-        matching alone learns slowly from a few hundred push demonstrations."""
+        reads positions): the i-th language point's map is trained, by cross-entropy, to peak on the
+        i-th named thing, so the context carries where the object and its pad are, which flow
+        matching alone learns slowly from a few hundred push demonstrations. A heatmap target
+        generalises to unseen scenes where regressing positions from the context memorised them."""
         cfg = self.cfg
         self._check(pixels, state, lang)
         if actions.shape != (len(pixels), cfg.chunk, cfg.action_dim):
@@ -266,7 +298,8 @@ class VLA(nn.Module):
         if aux and future_latents.shape != (len(pixels), cfg.aux_horizon, cfg.latent_dim):
             raise ValueError(f"future_latents must be [B, aux_horizon, latent_dim] = [{len(pixels)}, "
                              f"{cfg.aux_horizon}, {cfg.latent_dim}], got {list(future_latents.shape)}")
-        context, query_out = self.backbone(pixels, self._norm_state(state), lang, self.aux_queries if aux else None)
+        context, query_out, named = self.backbone(pixels, self._norm_state(state), lang,
+                                                  self.aux_queries if aux else None)
         a = ((actions[demo] - self.action_mean) / self.action_std).flatten(1)[:, None]  # [B, 1, K·A]
         tau = torch.rand(len(a), generator=generator, device=a.device)
         eps = torch.randn(a.shape, generator=generator, device=a.device)
@@ -277,11 +310,14 @@ class VLA(nn.Module):
             losses["jepa"] = F.mse_loss(self.aux_head(query_out[demo]), future_latents[demo])
             losses["loss"] = losses["loss"] + cfg.aux_weight * losses["jepa"]
         if cfg.where_weight > 0 and where is not None:
-            if where.shape != (len(pixels), WHERE_DIM):
-                raise ValueError(f"where must be [B, {WHERE_DIM}] = [{len(pixels)}, {WHERE_DIM}], got {list(where.shape)}")
-            known = torch.isfinite(where).all(1)
+            if where.ndim != 3 or where.shape[0] != len(pixels) or where.shape[2] != 2 \
+                    or where.shape[1] > cfg.language_points:
+                raise ValueError(f"where must be [B, P, 2] with B = {len(pixels)} and P ≤ language_points "
+                                 f"({cfg.language_points}), got {list(where.shape)}")
+            known = torch.isfinite(where).all(2)  # [B, P]
             if known.any():
-                losses["where"] = F.mse_loss(self.where_head(context[known]), where[known])
+                logits = named[:, :where.shape[1]][known]  # [N, cells]
+                losses["where"] = -(heatmap(where[known], self.backbone.grid) * logits.log_softmax(-1)).sum(1).mean()
                 losses["loss"] = losses["loss"] + cfg.where_weight * losses["where"]
         return losses
 
@@ -290,6 +326,16 @@ class VLA(nn.Module):
         from the current observation and instruction only."""
         self._check(pixels, state, lang)
         return self.aux_head(self.backbone(pixels, self._norm_state(state), lang, self.aux_queries)[1])
+
+    @torch.no_grad()
+    def locate(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
+        """Where the language points are [B, language_points, 2], (u, v) in [-1, 1] of the first
+        camera's image: with the where auxiliary, the things the instruction names, in its order."""
+        self._check(pixels, state, lang)
+        named = self.backbone(pixels, self._norm_state(state), lang)[2]
+        if named is None:
+            raise ValueError("this VLA has no language points (backbone=cnn with language_points ≥ 1 has them)")
+        return named.softmax(-1) @ self.backbone.grid
 
     # ------------------------------------------------------------------ inference
 
@@ -304,7 +350,7 @@ class VLA(nn.Module):
         if isinstance(pixels, torch.Tensor) and len(lang) == 1:  # one instruction for every observation
             lang = lang.expand(len(pixels), -1)
         self._check(pixels, state, lang)
-        context, _ = self.backbone(pixels, self._norm_state(state), lang)  # once per observation
+        context = self.backbone(pixels, self._norm_state(state), lang)[0]  # once per observation
         b, k, a_dim = len(pixels), self.cfg.chunk, self.cfg.action_dim
         x = torch.randn(b, n, k * a_dim, generator=generator, device=context.device)
         steps = self.cfg.flow_steps

@@ -9,12 +9,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from envs.dataset import EpisodeDataset
+from envs.scene import TABLE_RGB
 from experiments.common import CONFIG_DIR
 from experiments.evaluate import evaluate, report
+from experiments.targets import named_point_targets
 from experiments.train import train
 from models import WorldModel
 from models.goal import GoalModel
@@ -75,6 +79,22 @@ def test_goal_model_trains_on_the_frozen_world_model(tmp_path, tiny_dataset):
     assert "goal retrieval" in report(results)
 
 
+def test_named_point_targets_land_on_the_named_object_and_pad_in_the_frames(tiny_dataset):
+    ds = EpisodeDataset(tiny_dataset, load=True)
+    where = named_point_targets(ds, np.arange(len(ds)))
+    size = ds.frames["pixels"].shape[2]
+    chroma = lambda c: np.asarray(c, float) / np.sum(c)  # hue, whatever the lighting's brightness
+    for i in range(len(ds)):
+        first, kind = int(ds.starts[i]), ds.task(i)["subgoals"][0]["kind"]
+        col, row = ((where[first] + 1) / 2 * size).astype(int).T
+        seen = [ds.frames["pixels"][first, 0, r, c] + 1e-3 for r, c, ok in
+                zip(row, col, np.isfinite(where[first]).all(1)) if ok]
+        assert len(seen) == (3 if kind == "pad" else 2), i  # the pusher, the object; a region is not a thing in view
+        assert seen[0].mean() < 0.5 * 255 * np.mean(TABLE_RGB), i  # on the dark pusher
+        # On the object and its pad, not on the table (bright tints saturate: hues are not compared).
+        assert all(np.abs(chroma(hue) - chroma(TABLE_RGB)).sum() > 0.1 for hue in seen[1:]), i
+
+
 def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary(tmp_path, tiny_dataset):
     cfg = config(tmp_path, tiny_dataset, "target=vla", "target.steps=6", "target.eval_every=6",
                  "target.policies=[mixed]", "target.eval_policies=[mixed]", "target.labels=expert",
@@ -84,7 +104,7 @@ def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary(tmp_path, ti
     assert {"flow", "where", "chunk_abs_error"} <= set(final)
     logged = [m for m in metrics(tmp_path / "run/metrics.jsonl") if "loss" in m]
     assert all(m["loss"] > m["flow"] for m in logged)  # the where term is in the loss
-    assert VLA.load(tmp_path / "out").where_head is not None
+    assert VLA.load(tmp_path / "out").cfg.where_weight == 1.0
     bad = config(tmp_path, tiny_dataset, "target=vla", "target.policies=[mixed]", "target.eval_policies=[mixed]",
                  "target.labels=imagined", tiny=COMMON)
     with pytest.raises(ValueError, match="target.labels must be recorded or expert"):
