@@ -347,7 +347,7 @@ class VLATarget:
             if relabel:
                 relabel_with_expert(ds, keep)
             if self.model_cfg.where_weight > 0:
-                # With where_frames the "where" head also sees frames of every training episode.
+                # With where_frames the "where" auxiliary also sees frames of every training episode.
                 located = np.arange(len(ds)) if ds is self.train_ds and t.get("where_frames") else keep
                 self.where.append(torch.from_numpy(named_point_targets(ds, located)))
             self.samplers.append(WindowSampler(ds, history=1, horizon=horizon, chunk=self.model_cfg.chunk,
@@ -384,7 +384,8 @@ class VLATarget:
                "actions": actions if demonstrations else torch.full_like(actions, float("nan"))}
         if self.where:
             where = self.where[split][torch.from_numpy(sampler.ds.starts[w.episode] + w.t)]
-            out["where"] = where + torch.from_numpy(2 * moved / np.array(pixels.shape[3:1:-1])).float()[:, None]  # follow the shift
+            moved = 2 * moved / np.array([pixels.shape[3], pixels.shape[2]])  # pixels -> image coordinates
+            out["where"] = where + torch.from_numpy(moved).float()[:, None]  # the targets follow the shift
         return w, out
 
     def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:

@@ -275,15 +275,16 @@ class VLA(nn.Module):
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The training losses. pixels uint8 [B, V, H, W, 3], state [B, P], lang [B, L], actions
         [B, K, A] (raw), future_latents [B, aux_horizon, D] (targets: the world model's sg[f̄] of the
-        next chunks' end frames), where [B, P, 2] (targets: where the first P ≤ language_points
-        things the instruction names appear in the image, (u, v) in [-1, 1], NaN if unseen) -> {"flow", "loss"} (+ "jepa" when aux_weight
-        > 0, "where" when where_weight > 0, and their targets are given). τ ~ U(0, 1) and ε ~ N(0, I)
+        next chunks' end frames), where [B, P, 2] (targets for the first P ≤ language_points points:
+        where the pusher and the things the instruction names appear in the image, (u, v) in
+        [-1, 1], NaN if unseen) -> {"flow", "loss"} (+ "jepa" when aux_weight > 0, "where" when
+        where_weight > 0, and their targets are given). τ ~ U(0, 1) and ε ~ N(0, I)
         come from `generator`. Rows whose actions are NaN are not demonstrations: they train only
         the "where" auxiliary (points whose `where` is NaN do not).
 
         The "where" auxiliary is privileged supervision at training time only (the policy never
         reads positions): the i-th language point's map is trained, by cross-entropy, to peak on the
-        i-th named thing, so the context carries where the object and its pad are, which flow
+        i-th target, so the context carries where the pusher, the object and its pad are, which flow
         matching alone learns slowly from a few hundred push demonstrations. A heatmap target
         generalises to unseen scenes where regressing positions from the context memorised them."""
         cfg = self.cfg
@@ -330,7 +331,7 @@ class VLA(nn.Module):
     @torch.no_grad()
     def locate(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
         """Where the language points are [B, language_points, 2], (u, v) in [-1, 1] of the first
-        camera's image: with the where auxiliary, the things the instruction names, in its order."""
+        camera's image: with the where auxiliary, the pusher and the things the instruction names."""
         self._check(pixels, state, lang)
         named = self.backbone(pixels, self._norm_state(state), lang)[2]
         if named is None:

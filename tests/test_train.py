@@ -18,7 +18,7 @@ from envs.dataset import EpisodeDataset
 from envs.scene import TABLE_RGB
 from experiments.common import CONFIG_DIR
 from experiments.evaluate import evaluate, report
-from experiments.targets import named_point_targets
+from experiments.targets import named_point_targets, random_shift
 from experiments.train import train
 from models import WorldModel
 from models.goal import GoalModel
@@ -77,6 +77,15 @@ def test_goal_model_trains_on_the_frozen_world_model(tmp_path, tiny_dataset):
     assert [r["horizon"] for r in results["probe"]["imagined"]] == [1, 2]
     assert 0 < results["probe"]["mean_error_m"] < 0.5 and 0 <= results["goal"]["retrieval_top1"] <= 1
     assert "goal retrieval" in report(results)
+
+
+def test_random_shift_reports_how_far_the_content_moved():
+    images = np.zeros((16, 1, 12, 12, 3), np.uint8)
+    images[:, :, 5, 7] = 255  # one bright pixel at row 5, column 7
+    shifted, moved = random_shift(images, 3, np.random.default_rng(0))
+    for image, (right, down) in zip(shifted, moved):
+        assert image[0, 5 + down, 7 + right].all()
+    assert len({tuple(m) for m in moved}) > 1 and np.abs(moved).max() <= 3
 
 
 def test_named_point_targets_land_on_the_named_object_and_pad_in_the_frames(tiny_dataset):
