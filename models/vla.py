@@ -286,7 +286,7 @@ class VLA(nn.Module):
         reads positions): the i-th language point's map is trained, by cross-entropy, to peak on the
         i-th target, so the context carries where the pusher, the object and its pad are, which flow
         matching alone learns slowly from a few hundred push demonstrations. A heatmap target
-        generalises to unseen scenes where regressing positions from the context memorised them."""
+        generalises to unseen scenes far better than regressing positions from the context did."""
         cfg = self.cfg
         self._check(pixels, state, lang)
         if actions.shape != (len(pixels), cfg.chunk, cfg.action_dim):
