@@ -123,11 +123,9 @@ def named_points(info: dict) -> np.ndarray:
     objects = np.asarray(info["object_pos"], dtype=float)
     for k, sub in enumerate(_subgoals(info)):
         out[1 + 2 * k] = objects[sub.object]
-        if sub.kind == "touch":
-            out[2 + 2 * k] = objects[sub.object]
-        elif sub.kind == "pad":
-            out[2 + 2 * k, :2] = np.asarray(info["pad_pos"])[info["task"]["pads"].index(sub.target)]
-            out[2 + 2 * k, 2] = PAD_TOP
+        if sub.kind != "region":
+            height = objects[sub.object, 2] if sub.kind == "touch" else PAD_TOP
+            out[2 + 2 * k] = (*_subgoal_goal(sub, objects[:, :2], info), height)
     return out
 
 
