@@ -210,6 +210,7 @@ class Windows:
     future_state: np.ndarray  # f32 [B, H, P]
     episode: np.ndarray  # i64 [B]: episode index (for its instruction and task)
     t: np.ndarray  # i64 [B]: frame index of t within its episode
+    action_pad: np.ndarray  # bool [B, H·K]: the action lies past the episode's end (a copy; pad_end only)
 
 
 class WindowSampler:
@@ -219,10 +220,15 @@ class WindowSampler:
     (a world model whose history is one latent per chunk wants stride = chunk), and `horizon`
     chunks of `chunk` actions after it, all inside the episode. `episodes` (indices) restricts the
     windows to those episodes (say, the successful expert ones).
+
+    With `pad_end` a window may run past the episode's end, so that its last frames are trained on
+    too (a policy must learn how an episode finishes): it needs one action after t, the missing
+    actions repeat the last one and are flagged in `action_pad` (mask them out of a loss, as
+    LeRobot's `action_is_pad`), and the missing future frames repeat the final frame.
     """
 
     def __init__(self, dataset: EpisodeDataset, history: int, horizon: int, chunk: int, stride: int = 1,
-                 episodes: np.ndarray | None = None):
+                 episodes: np.ndarray | None = None, pad_end: bool = False):
         if min(history, horizon, chunk, stride) < 1:
             raise ValueError(f"history, horizon, chunk and stride must be >= 1, got "
                              f"{history}, {horizon}, {chunk}, {stride}")
@@ -230,8 +236,8 @@ class WindowSampler:
             raise ValueError("WindowSampler needs the frames in memory: open the dataset with load=True")
         self.ds, self.history, self.horizon, self.chunk = dataset, history, horizon, chunk
         span = horizon * chunk
-        # Every valid (episode, t): t >= (history - 1) * stride and t + span <= length.
-        first, last = (history - 1) * stride, dataset.lengths - span
+        # Every valid (episode, t): t >= (history - 1) * stride and t + span <= length (t < length with pad_end).
+        first, last = (history - 1) * stride, dataset.lengths - (1 if pad_end else span)
         counts = np.clip(last - first + 1, 0, None)
         if episodes is not None:
             counts[np.setdiff1d(np.arange(len(dataset)), episodes)] = 0
@@ -251,14 +257,17 @@ class WindowSampler:
     def sample(self, rng: np.random.Generator, batch: int) -> Windows:
         pick = rng.integers(len(self), size=batch)
         episode, t = self.episode_of[pick], self.t_of[pick]
-        now = (self.ds.starts[episode] + t)[:, None]
+        start, length = self.ds.starts[episode][:, None], self.ds.lengths[episode][:, None]
+        now = start + t[:, None]
         f = self.ds.frames
-        actions = f["action"][now + self._acts]
+        acts = np.minimum(t[:, None] + self._acts, length - 1)  # within the episode unless pad_end
+        future = start + np.minimum(t[:, None] + self._future, length)  # frame `length` follows the last action
+        actions = f["action"][start + acts]
         return Windows(
             pixels=f["pixels"][now + self._hist], state=f["state"][now + self._hist],
             actions=actions.reshape(batch, self.horizon, self.chunk, -1),
-            future_pixels=f["pixels"][now + self._future], future_state=f["state"][now + self._future],
-            episode=episode, t=t)
+            future_pixels=f["pixels"][future], future_state=f["state"][future],
+            episode=episode, t=t, action_pad=t[:, None] + self._acts >= length)
 
 
 # ------------------------------------------------------------------------------- internals

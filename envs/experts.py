@@ -5,9 +5,11 @@ from `info` alone, so they work unchanged through any wrapper.
 
 Pushing uses the classic approach-from-behind strategy: circle the object at a safe radius to
 the point behind it on the object->goal line, then push along that line while correcting the
-lateral offset. Near a wall the ideal approach point can be out of reach; the expert then
-pushes in the nearest direction whose approach point it can reach, which walks the object off
-the wall first.
+lateral offset. The push turns continuously into sideways re-centring as that offset grows: an
+earlier version backed off to re-align instead and chattered between the two on 22% of its
+push-to-pad steps, which made it much harder to imitate. Near a wall the ideal approach point
+can be out of reach; the expert then pushes in the nearest direction whose approach point it
+can reach, which walks the object off the wall first.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ ORBIT = CONTACT + 0.03  # radius at which it circles an object without touching 
 AVOID = CONTACT + 0.025  # obstacles closer than this (centre to centre) are steered round
 REACH = TABLE_HALF - PUSHER_RADIUS - 0.004  # the pusher centre's reachable box
 REGION_MARGIN = 0.05  # aim this far inside a region's boundary
+PUSH_CONE = 0.45  # rad: how far round from straight behind the object the pusher may push from
+LINE_TOLERANCE = 0.025  # lateral offset from the push line at which pushing turns into re-centring
 
 
 class ScriptedExpert:
@@ -195,15 +199,18 @@ def _push(pusher, obj, goal, obstacles):
     perp = np.array([-u[1], u[0]])
     rel = pusher - obj
     along, lateral = rel @ u, rel @ perp
-    if along < -CONTACT + 0.012 and abs(lateral) < 0.012:
-        # Lined up behind the object: push through its centre, steering out lateral error.
-        # Slow down near the goal so the object does not slide or roll past it.
-        speed = float(np.clip(dist / 0.06, 0.25, 1.0))
-        target = obj + u * (min(dist, 0.05) + CONTACT - 0.01) - perp * lateral
-        return _velocity_to(pusher, target, speed)
-    behind = obj - u * BEHIND
     angle_now = np.arctan2(rel[1], rel[0])
     turn = (np.arctan2(-u[1], -u[0]) - angle_now + np.pi) % (2 * np.pi) - np.pi
+    if along < -CONTACT + 0.012 and abs(turn) <= PUSH_CONE:
+        # Close behind the object: push through its centre while steering out the lateral error,
+        # less forward the further off the line (at LINE_TOLERANCE only sideways). Continuous in
+        # the offset, so the pusher does not chatter between pushing and backing off to re-align.
+        # Slow down near the goal so the object does not slide or roll past it.
+        speed = float(np.clip(dist / 0.06, 0.25, 1.0))
+        w = float(np.clip(1 - abs(lateral) / LINE_TOLERANCE, 0.0, 1.0))
+        ahead = w * (min(dist, 0.05) + CONTACT - 0.01) - (1 - w) * (CONTACT + 0.005)
+        return _velocity_to(pusher, obj + u * ahead - perp * lateral, speed)
+    behind = obj - u * BEHIND
     if abs(turn) <= 0.3:
         return _go_to(pusher, behind, obstacles)
     # Circle round the object to its far side, the short way unless a wall is in the way of

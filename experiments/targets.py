@@ -336,7 +336,7 @@ class VLATarget:
             raise ValueError(f"target.labels must be recorded or expert, got {labels!r}")
         self.samplers, self.langs, self.where = [], [], []
         for ds in (self.train_ds, self.eval_ds):
-            relabel = labels == "expert" and ds is self.train_ds
+            relabel = labels == "expert"  # held-out episodes too, so the held-out loss measures the same labels
             policies = list(t.policies if ds is self.train_ds else t.eval_policies)
             keep = np.isin([p.split("(")[0] for p in ds.policies], policies)
             keep = np.flatnonzero(keep if relabel else keep & ds.success)  # relabelled failures still teach
@@ -351,10 +351,11 @@ class VLATarget:
                 located = np.arange(len(ds)) if ds is self.train_ds and t.get("where_frames") else keep
                 self.where.append(torch.from_numpy(named_point_targets(ds, located)))
             self.samplers.append(WindowSampler(ds, history=1, horizon=horizon, chunk=self.model_cfg.chunk,
-                                               episodes=keep))
+                                               episodes=keep, pad_end=bool(t.get("pad_end", False))))
             self.langs.append(instruction_table(ds)[0])
         if t.get("where_frames"):
-            self.perception_sampler = WindowSampler(self.train_ds, history=1, horizon=1, chunk=self.model_cfg.chunk)
+            self.perception_sampler = WindowSampler(self.train_ds, history=1, horizon=1, chunk=self.model_cfg.chunk,
+                                                    pad_end=True)
         self.eval_batch = self._batch(1, np.random.default_rng(0), t.eval_windows)
 
     def _batch(self, split: int, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
@@ -381,7 +382,8 @@ class VLATarget:
         actions = torch.from_numpy(w.actions[:, 0])
         out = {"pixels": torch.from_numpy(pixels), "state": torch.from_numpy(w.state[:, -1]),
                "lang": self.langs[split][torch.from_numpy(w.episode)],
-               "actions": actions if demonstrations else torch.full_like(actions, float("nan"))}
+               "actions": actions if demonstrations else torch.full_like(actions, float("nan")),
+               "action_pad": torch.from_numpy(w.action_pad[:, :self.model_cfg.chunk])}
         if self.where:
             where = self.where[split][torch.from_numpy(sampler.ds.starts[w.episode] + w.t)]
             moved = 2 * moved / np.array([pixels.shape[3], pixels.shape[2]])  # pixels -> image coordinates
@@ -396,12 +398,13 @@ class VLATarget:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out flow loss, and how far a sampled chunk lies from the expert's (mean |Δa|)."""
+        """Held-out flow loss, and how far a sampled chunk lies from the expert's (mean |Δa| over the
+        actions inside the episode)."""
         b = self.eval_batch
         losses = self.model(**b, generator=torch.Generator().manual_seed(0))
         sampled = self.model.sample_chunks(b, 1, torch.Generator().manual_seed(0))[:, 0]
         return {**{k: float(v) for k, v in losses.items()},
-                "chunk_abs_error": float((sampled - b["actions"]).abs().mean())}
+                "chunk_abs_error": float((sampled - b["actions"]).abs()[~b["action_pad"]].mean())}
 
     def config(self) -> dict:
         return {"kind": "vla", "model": self.model_cfg.to_dict(), "train": OmegaConf.to_container(self.cfg.target),

@@ -272,9 +272,11 @@ class VLA(nn.Module):
 
     def forward(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor, actions: torch.Tensor,
                 future_latents: torch.Tensor | None = None, where: torch.Tensor | None = None,
+                action_pad: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The training losses. pixels uint8 [B, V, H, W, 3], state [B, P], lang [B, L], actions
-        [B, K, A] (raw), future_latents [B, aux_horizon, D] (targets: the world model's sg[f̄] of the
+        [B, K, A] (raw), action_pad bool [B, K] (True: a copy past the episode's end, left out of the
+        flow loss; `WindowSampler(pad_end=True)`), future_latents [B, aux_horizon, D] (targets: the world model's sg[f̄] of the
         next chunks' end frames), where [B, P, 2] (targets for the first P ≤ language_points points:
         where the pusher and the things the instruction names appear in the image, (u, v) in
         [-1, 1], NaN if unseen) -> {"flow", "loss"} (+ "jepa" when aux_weight > 0, "where" when
@@ -305,7 +307,14 @@ class VLA(nn.Module):
         tau = torch.rand(len(a), generator=generator, device=a.device)
         eps = torch.randn(a.shape, generator=generator, device=a.device)
         a_tau = (1 - tau[:, None, None]) * eps + tau[:, None, None] * a
-        losses = {"flow": F.mse_loss(self.expert(a_tau, *self.expert.condition(tau, context[demo])), a - eps)}
+        error = (self.expert(a_tau, *self.expert.condition(tau, context[demo])) - (a - eps)) ** 2
+        if action_pad is not None:
+            if action_pad.shape != (len(pixels), cfg.chunk):
+                raise ValueError(f"action_pad must be [B, K] = [{len(pixels)}, {cfg.chunk}], got {list(action_pad.shape)}")
+            real = (~action_pad[demo]).repeat_interleave(cfg.action_dim, dim=1)[:, None].float()  # [B, 1, K·A]
+            losses = {"flow": (error * real).sum() / real.sum()}
+        else:
+            losses = {"flow": error.mean()}
         losses["loss"] = losses["flow"]
         if aux:
             losses["jepa"] = F.mse_loss(self.aux_head(query_out[demo]), future_latents[demo])

@@ -84,6 +84,24 @@ def test_windows_are_the_right_slices_of_their_episodes(tmp_path):
         WindowSampler(ds, history=1, horizon=10, chunk=8)
 
 
+
+def test_padded_windows_reach_the_last_frame_and_flag_the_copies(tmp_path):
+    write(tmp_path / "d.h5", [fake_episode(s, 6 + 3 * s) for s in range(3)])  # 6, 9, 12 actions
+    ds = EpisodeDataset(tmp_path / "d.h5", load=True)
+    sampler = WindowSampler(ds, history=1, horizon=2, chunk=4, pad_end=True)
+    assert len(sampler) == ds.lengths.sum()  # every frame with an action after it, short episodes too
+    w = sampler.sample(np.random.default_rng(0), 200)
+    assert set(w.t[w.episode == 0]) == set(range(6))
+    for i in range(200):
+        ep, t = ds.episode(int(w.episode[i])), int(w.t[i])
+        n = len(ep.action)
+        steps = np.arange(t, t + 8)
+        np.testing.assert_array_equal(w.action_pad[i], steps >= n)
+        np.testing.assert_array_equal(w.actions[i].reshape(-1, 2), ep.action[np.minimum(steps, n - 1)])
+        np.testing.assert_array_equal(w.future_state[i], ep.state[np.minimum([t + 4, t + 8], n)])
+    unpadded = WindowSampler(ds, history=1, horizon=2, chunk=4).sample(np.random.default_rng(0), 50)
+    assert not unpadded.action_pad.any()
+
 def test_sampler_needs_frames_in_memory(tmp_path):
     write(tmp_path / "d.h5", [fake_episode(0, 10)])
     with pytest.raises(ValueError, match="load=True"):

@@ -201,6 +201,27 @@ def test_where_auxiliary_teaches_the_language_points_to_find_what_is_named():
         make(where_weight=1.0, backbone="vit")
 
 
+def test_actions_past_the_episode_end_are_left_out_of_the_flow_loss():
+    model = make()
+    # An expert whose velocity ignores its input, so the loss differs only where the targets differ.
+    model.expert.forward = lambda x, cond, mod: torch.zeros_like(x)
+    b = batch_of(4)
+    actions = torch.rand(4, 4, 2, generator=gen(1)) * 2 - 1
+    pad = torch.tensor([[False] * 4, [False, False, True, True], [False, True, True, True], [False] * 4])
+
+    def flow(acts, action_pad):
+        return model(b["pixels"], b["state"], b["lang"], acts, action_pad=action_pad, generator=gen(2))["flow"]
+
+    changed_copies, changed_real = actions.clone(), actions.clone()
+    changed_copies[pad] = -actions[pad]
+    changed_real[0, 0] = -actions[0, 0]
+    assert torch.equal(flow(actions, pad), flow(changed_copies, pad))
+    assert not torch.equal(flow(actions, pad), flow(changed_real, pad))
+    assert torch.allclose(flow(actions, torch.zeros_like(pad)), flow(actions, None))
+    with pytest.raises(ValueError, match="action_pad must be"):
+        flow(actions, pad[:, :2])
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = make(aux_weight=0.1).eval()
     model.set_normalization({"state": {"mean": [0.1] * 4, "std": [2.0] * 4},
