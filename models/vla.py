@@ -275,9 +275,9 @@ class VLA(nn.Module):
                 action_pad: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The training losses. pixels uint8 [B, V, H, W, 3], state [B, P], lang [B, L], actions
-        [B, K, A] (raw), action_pad bool [B, K] (True: a copy past the episode's end, left out of the
-        flow loss; `WindowSampler(pad_end=True)`), future_latents [B, aux_horizon, D] (targets: the world model's sg[f̄] of the
-        next chunks' end frames), where [B, P, 2] (targets for the first P ≤ language_points points:
+        [B, K, A] (raw), action_pad bool [B, K] (True: a copy past the episode's end, left out of
+        the flow loss; `WindowSampler(pad_end=True)`), future_latents [B, aux_horizon, D] (targets:
+        the world model's sg[f̄] of the next chunks' end frames), where [B, P, 2] (targets for the first P ≤ language_points points:
         where the pusher and the things the instruction names appear in the image, (u, v) in
         [-1, 1], NaN if unseen) -> {"flow", "loss"} (+ "jepa" when aux_weight > 0, "where" when
         where_weight > 0, and their targets are given). τ ~ U(0, 1) and ε ~ N(0, I)
@@ -310,7 +310,8 @@ class VLA(nn.Module):
         error = (self.expert(a_tau, *self.expert.condition(tau, context[demo])) - (a - eps)) ** 2
         if action_pad is not None:
             if action_pad.shape != (len(pixels), cfg.chunk):
-                raise ValueError(f"action_pad must be [B, K] = [{len(pixels)}, {cfg.chunk}], got {list(action_pad.shape)}")
+                raise ValueError(f"action_pad must be [B, K] = [{len(pixels)}, {cfg.chunk}], "
+                                 f"got {list(action_pad.shape)}")
             real = (~action_pad[demo]).repeat_interleave(cfg.action_dim, dim=1)[:, None].float()  # [B, 1, K·A]
             losses = {"flow": (error * real).sum() / real.sum()}
         else:

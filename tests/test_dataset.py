@@ -84,7 +84,6 @@ def test_windows_are_the_right_slices_of_their_episodes(tmp_path):
         WindowSampler(ds, history=1, horizon=10, chunk=8)
 
 
-
 def test_padded_windows_reach_the_last_frame_and_flag_the_copies(tmp_path):
     write(tmp_path / "d.h5", [fake_episode(s, 6 + 3 * s) for s in range(3)])  # 6, 9, 12 actions
     ds = EpisodeDataset(tmp_path / "d.h5", load=True)
@@ -101,6 +100,7 @@ def test_padded_windows_reach_the_last_frame_and_flag_the_copies(tmp_path):
         np.testing.assert_array_equal(w.future_state[i], ep.state[np.minimum([t + 4, t + 8], n)])
     unpadded = WindowSampler(ds, history=1, horizon=2, chunk=4).sample(np.random.default_rng(0), 50)
     assert not unpadded.action_pad.any()
+
 
 def test_sampler_needs_frames_in_memory(tmp_path):
     write(tmp_path / "d.h5", [fake_episode(0, 10)])
