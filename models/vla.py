@@ -48,6 +48,7 @@ class VLAConfig:
     expert_width: int = 256  # the action expert's
     expert_blocks: int = 3
     flow_steps: int = 10  # Euler steps at sampling
+    flow_samples: int = 1  # training: (τ, ε) draws per demonstration, all sharing one backbone pass
     n_action_steps: int = 8  # the queue select_action refills from one chunk (≤ chunk)
     latent_dim: int = 128  # the world model's latent width, for the auxiliary
     aux_horizon: int = 4  # future chunks the auxiliary predicts
@@ -231,8 +232,8 @@ class VLA(nn.Module):
             raise ValueError(f"image_size {cfg.image_size} must be divisible by patch {cfg.patch}")
         if not 1 <= cfg.n_action_steps <= cfg.chunk:
             raise ValueError(f"n_action_steps must be in 1..chunk ({cfg.chunk}), got {cfg.n_action_steps}")
-        if cfg.flow_steps < 1:
-            raise ValueError(f"flow_steps must be ≥ 1, got {cfg.flow_steps}")
+        if cfg.flow_steps < 1 or cfg.flow_samples < 1:
+            raise ValueError(f"flow_steps and flow_samples must be ≥ 1, got {cfg.flow_steps} and {cfg.flow_samples}")
         self.cfg = cfg
         self.backbone = Backbone(cfg) if cfg.backbone == "vit" else ConvBackbone(cfg)
         self.expert = ActionExpert(cfg)
@@ -303,16 +304,21 @@ class VLA(nn.Module):
                              f"{cfg.aux_horizon}, {cfg.latent_dim}], got {list(future_latents.shape)}")
         context, query_out, named = self.backbone(pixels, self._norm_state(state), lang,
                                                   self.aux_queries if aux else None)
-        a = ((actions[demo] - self.action_mean) / self.action_std).flatten(1)[:, None]  # [B, 1, K·A]
-        tau = torch.rand(len(a), generator=generator, device=a.device)
+        # Several (τ, ε) draws per demonstration: the backbone, most of a step's cost, runs once for
+        # all of them, and the flow loss (its noisiest part) averages over more draws.
+        m = cfg.flow_samples
+        a = ((actions[demo] - self.action_mean) / self.action_std).flatten(1)[:, None].repeat_interleave(m, 0)
+        tau = torch.rand(len(a), generator=generator, device=a.device)  # a: [B·m, 1, K·A]
         eps = torch.randn(a.shape, generator=generator, device=a.device)
         a_tau = (1 - tau[:, None, None]) * eps + tau[:, None, None] * a
-        error = (self.expert(a_tau, *self.expert.condition(tau, context[demo])) - (a - eps)) ** 2
+        cond = self.expert.condition(tau, context[demo].repeat_interleave(m, 0))
+        error = (self.expert(a_tau, *cond) - (a - eps)) ** 2
         if action_pad is not None:
             if action_pad.shape != (len(pixels), cfg.chunk):
                 raise ValueError(f"action_pad must be [B, K] = [{len(pixels)}, {cfg.chunk}], "
                                  f"got {list(action_pad.shape)}")
             real = (~action_pad[demo]).repeat_interleave(cfg.action_dim, dim=1)[:, None].float()  # [B, 1, K·A]
+            real = real.repeat_interleave(m, 0)
             losses = {"flow": (error * real).sum() / real.sum()}
         else:
             losses = {"flow": error.mean()}

@@ -201,10 +201,13 @@ def test_where_auxiliary_teaches_the_language_points_to_find_what_is_named():
         make(where_weight=1.0, backbone="vit")
 
 
-def test_actions_past_the_episode_end_are_left_out_of_the_flow_loss():
-    model = make()
+@pytest.mark.parametrize("flow_samples", [1, 3])
+def test_actions_past_the_episode_end_are_left_out_of_the_flow_loss(flow_samples):
+    """Also with several (τ, ε) draws per demonstration: each draw's rows keep their own mask."""
+    model = make(flow_samples=flow_samples)
+    rows = []
     # An expert whose velocity ignores its input, so the loss differs only where the targets differ.
-    model.expert.forward = lambda x, cond, mod: torch.zeros_like(x)
+    model.expert.forward = lambda x, cond, mod: rows.append(len(x)) or torch.zeros_like(x)
     b = batch_of(4)
     actions = torch.rand(4, 4, 2, generator=gen(1)) * 2 - 1
     pad = torch.tensor([[False] * 4, [False, False, True, True], [False, True, True, True], [False] * 4])
@@ -218,6 +221,7 @@ def test_actions_past_the_episode_end_are_left_out_of_the_flow_loss():
     assert torch.equal(flow(actions, pad), flow(changed_copies, pad))
     assert not torch.equal(flow(actions, pad), flow(changed_real, pad))
     assert torch.allclose(flow(actions, torch.zeros_like(pad)), flow(actions, None))
+    assert set(rows) == {4 * flow_samples}
     with pytest.raises(ValueError, match="action_pad must be"):
         flow(actions, pad[:, :2])
 
