@@ -427,9 +427,12 @@ def dataset_meta(env, env_options: dict[str, Any]) -> DatasetMeta:
 
 
 def record_episode(env, policy, seed: int, policy_name: str, options: dict | None = None) -> Episode:
-    """Run `policy` (`reset()`, `act(info)`) for one episode from `seed` and record it."""
+    """Run `policy` for one episode from `seed` and record it. A policy has `reset()` and
+    `act(info)`; one that also sees the observation (a learned policy) sets `reads_observation`
+    and gets `reset(instruction)` and `act(info, obs)`."""
     obs, info = env.reset(seed=seed, options=options)
-    policy.reset()
+    reads_obs = getattr(policy, "reads_observation", False)
+    policy.reset(obs["instruction"]) if reads_obs else policy.reset()
     cameras = env.unwrapped.cameras
     shapes = getattr(env.unwrapped, "privileged_shapes", {})
     pixels, states, actions, infos = [], [], [], []
@@ -442,7 +445,7 @@ def record_episode(env, policy, seed: int, policy_name: str, options: dict | Non
     keep(obs, info)
     done, success = False, False
     while not done:
-        action = policy.act(info)
+        action = policy.act(info, obs) if reads_obs else policy.act(info)
         obs, _, success, truncated, info = env.step(action)
         actions.append(action)
         keep(obs, info)

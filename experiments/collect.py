@@ -2,6 +2,10 @@
 
     foresight-collect env=tabletop episodes=500 policy=mixture out=data/tabletop.h5
     foresight-collect env=tabletop episodes=200 policy=expert noise=0.3 out=data/noisy.h5
+    foresight-collect episodes=4500 seed=0 policy=dagger out=data/tabletop.h5   # + 500 VLA episodes
+
+Episodes whose seed a file already holds are skipped, so the last line appends 500 DAgger episodes
+(seeds 4000-4499) to a 4,000-episode file.
 
 Episode i starts from seed `seed + i` and its behaviour is drawn from that seed alone, so the
 dataset does not depend on the number of workers, and a killed run resumes where it stopped.
@@ -19,15 +23,36 @@ from tqdm import tqdm
 
 from experiments.common import CONFIG_DIR, clean_errors
 
-POLICIES = ("expert", "random", "mixture")
+POLICIES = ("expert", "random", "mixture", "dagger")
+
+
+class DAggerPolicy:
+    """DAgger's data policy (Ross et al., 2011): the VLA acts, or with probability `beta` per step
+    the clean expert, so the episodes visit the states the VLA's own mistakes lead to (an object
+    pinned at a wall, a pusher on the wrong side). `foresight-train target=vla target.labels=expert`
+    then relabels them with the expert's action, which is what the VLA must learn to do there."""
+
+    reads_observation = True
+
+    def __init__(self, controller, expert, beta: float, rng: np.random.Generator, seed: int):
+        self.controller, self.expert, self.beta, self.rng, self.seed = controller, expert, beta, rng, seed
+
+    def reset(self, instruction: str) -> None:
+        self.controller.reset(instruction, seed=self.seed)
+
+    def act(self, info: dict, obs: dict) -> np.ndarray:
+        action = self.controller.act(obs)  # every step, so its action queue stays in step with the env
+        if self.beta > 0 and self.rng.uniform() < self.beta:
+            action = np.clip(self.expert.clean_action(info), -1.0, 1.0).astype(np.float32)
+        return action
 
 
 def choose_behaviour(cfg: dict, seed: int) -> tuple[str, float]:
     """(behaviour name, expert noise) of the episode started from `seed`."""
     if cfg["policy"] == "expert":
         return ("expert" if cfg["noise"] == 0 else "noisy_expert"), float(cfg["noise"])
-    if cfg["policy"] == "random":
-        return "random", 0.0
+    if cfg["policy"] in ("random", "dagger"):
+        return cfg["policy"], 0.0
     names = sorted(cfg["mixture"])
     shares = np.array([cfg["mixture"][n] for n in names], float)
     name = names[np.random.default_rng([seed, 1]).choice(len(names), p=shares / shares.sum())]
@@ -41,12 +66,15 @@ def _worker(env_cfg: dict, cfg: dict, seeds, results) -> None:
     from experiments.env_config import env_from_config
 
     env = env_from_config(OmegaConf.create(env_cfg))
+    controller = _vla_controller(cfg["dagger"]) if cfg["policy"] == "dagger" else None
     try:
         for seed in iter(seeds.get, None):
             behaviour, noise = choose_behaviour(cfg, seed)
             rng = np.random.default_rng([seed, 2])
             if behaviour == "random":
                 policy = RandomPlay(env.action_space.shape[0], rng)
+            elif behaviour == "dagger":
+                policy = DAggerPolicy(controller, env.unwrapped.make_expert(), cfg["dagger"]["beta"], rng, seed)
             else:
                 policy = env.unwrapped.make_expert(noise, rng)
             name = behaviour if behaviour != "noisy_expert" else f"noisy_expert({noise:g})"
@@ -55,6 +83,17 @@ def _worker(env_cfg: dict, cfg: dict, seeds, results) -> None:
         results.put(err)
     finally:
         env.close()
+
+
+def _vla_controller(dagger: dict):
+    """The VLA alone (planner mode vla), one torch thread per worker."""
+    import torch
+
+    from models.vla import VLA
+    from planner import ForesightController, PlannerConfig
+
+    torch.set_num_threads(1)
+    return ForesightController(PlannerConfig(mode="vla", n_exec=dagger["n_exec"]), vla=VLA.load(dagger["vla"]))
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="collect", version_base="1.3")
@@ -75,6 +114,11 @@ def main(cfg: DictConfig) -> None:
                          f"{envs.EVAL_SEED_START} (evaluation seeds start there)")
     if cfg.workers < 1:
         raise ValueError(f"workers must be >= 1, got {cfg.workers}")
+    if cfg.policy == "dagger":
+        from models.checkpoint import load_checkpoint
+        load_checkpoint(cfg.dagger.vla)  # a missing or broken VLA fails here, not in every worker
+        if not 0 <= cfg.dagger.beta <= 1:
+            raise ValueError(f"dagger.beta (the share of expert steps) must be in [0, 1], got {cfg.dagger.beta}")
 
     env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
     options = {k: v for k, v in env_cfg.items() if k != "id"}

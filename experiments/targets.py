@@ -338,12 +338,13 @@ class VLATarget:
         for ds in (self.train_ds, self.eval_ds):
             relabel = labels == "expert"  # held-out episodes too, so the held-out loss measures the same labels
             policies = list(t.policies if ds is self.train_ds else t.eval_policies)
-            keep = np.isin([p.split("(")[0] for p in ds.policies], policies)
-            keep = np.flatnonzero(keep if relabel else keep & ds.success)  # relabelled failures still teach
+            behaviour = np.array([p.split("(")[0] for p in ds.policies])
+            usable = np.ones(len(ds), bool) if relabel else ds.success  # relabelled failures still teach
+            # The recipe's budget: the first `episodes` of each policy's (training only).
+            cap = int(t.episodes) if ds is self.train_ds and t.get("episodes") else None
+            keep = np.sort(np.concatenate([np.flatnonzero((behaviour == p) & usable)[:cap] for p in policies]))
             if len(keep) == 0:
                 raise ValueError(f"{ds.path} has no {'' if relabel else 'successful '}episodes of policies {policies}")
-            if ds is self.train_ds and t.get("episodes"):
-                keep = keep[: int(t.episodes)]  # the recipe's demonstration budget
             if relabel:
                 relabel_with_expert(ds, keep)
             if self.model_cfg.where_weight > 0:

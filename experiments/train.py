@@ -110,6 +110,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             pass
     if start and rank == 0:
         print(f"resuming {tcfg.name} from step {start} ({ckpt_dir})")
+    if not start and tcfg.get("init"):  # fine-tune: start from a saved model's weights
+        load_into(target.modules, load_checkpoint(tcfg.init)[0])
     objective = target.objective
     if world > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective)

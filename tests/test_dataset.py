@@ -174,8 +174,8 @@ def test_recorded_expert_episode_ends_on_its_success_frame():
     assert ep.task["family"] in envs.FAMILIES and ep.instruction
 
 
-def _collect(tmp_path, *args, **popen):
-    cmd = [str(Path(sys.executable).parent / "foresight-collect"), "env.image_size=16",
+def _collect(tmp_path, *args, size=16, **popen):
+    cmd = [str(Path(sys.executable).parent / "foresight-collect"), f"env.image_size={size}",
            f"hydra.run.dir={tmp_path}/run", *args]
     if popen:
         return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
@@ -205,8 +205,39 @@ def test_collection_killed_then_resumed_holds_every_seed_once(tmp_path):
         assert json.loads(ds._file.attrs["stats"])["action"]["max"][0] <= 1.0
 
 
+def test_dagger_episodes_are_the_vlas_own_with_expert_steps_at_rate_beta(tmp_path, tiny_checkpoints):
+    """policy=dagger records the VLA acting (beta=0) or the clean expert (beta=1) from the same
+    states; the file says which policy it was."""
+    from models.vla import VLA
+    from planner import ForesightController, PlannerConfig
+    from experiments.collect import DAggerPolicy
+
+    vla = VLA.load(tiny_checkpoints / "vla")
+    env = envs.make_env(image_size=32)
+    for beta in (0.0, 1.0):
+        ctrl = ForesightController(PlannerConfig(mode="vla", n_exec=1), vla=vla, text_encoder=None)
+        twin = ForesightController(PlannerConfig(mode="vla", n_exec=1), vla=vla, text_encoder=ctrl.text)
+        expert = env.unwrapped.make_expert()
+        policy = DAggerPolicy(ctrl, expert, beta, np.random.default_rng(0), seed=5)
+        obs, info = env.reset(seed=5, options={"task": "push_to_pad"})
+        policy.reset(obs["instruction"])
+        twin.reset(obs["instruction"], seed=5)
+        for _ in range(3):
+            action, vla_action, expert_action = policy.act(info, obs), twin.act(obs), expert.clean_action(info)
+            np.testing.assert_allclose(action, vla_action if beta == 0 else np.clip(expert_action, -1, 1), atol=1e-6)
+            obs, _, _, _, info = env.step(action)
+    env.close()
+    out = tmp_path / "d.h5"
+    result = _collect(tmp_path, "episodes=2", "policy=dagger", f"dagger.vla={tiny_checkpoints / 'vla'}",
+                      "dagger.beta=0.5", f"out={out}", size=32)
+    assert result.returncode == 0, result.stderr
+    with EpisodeDataset(out) as ds:
+        assert list(ds.policies) == ["dagger", "dagger"] and sorted(ds.seeds) == [0, 1]
+
+
 @pytest.mark.parametrize("args, message", [
     (["policy=teleport"], "unknown policy 'teleport'"),
+    (["policy=dagger", "dagger.vla=nowhere"], "the directory does not exist"),
     (["seed=999999", "episodes=5"], "must stay below 1000000"),
     (["noise=2"], "noise and mixture_noise must be in"),
 ])

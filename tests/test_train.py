@@ -104,11 +104,11 @@ def test_named_point_targets_land_on_the_named_object_and_pad_in_the_frames(tiny
         assert all(np.abs(chroma(hue) - chroma(TABLE_RGB)).sum() > 0.1 for hue in seen[1:]), i
 
 
-def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary(tmp_path, tiny_dataset):
-    cfg = config(tmp_path, tiny_dataset, "target=vla", "target.steps=6", "target.eval_every=6",
-                 "target.policies=[mixed]", "target.eval_policies=[mixed]", "target.labels=expert",
-                 "target.model.where_weight=1.0", "target.where_frames=4", "target.model.width=32", "target.model.keypoints=4",
-                 "target.model.expert_width=32", "target.model.expert_blocks=1", "target.eval_windows=8", tiny=COMMON)
+def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary_and_fine_tunes(tmp_path, tiny_dataset):
+    vla = ["target=vla", "target.policies=[mixed]", "target.eval_policies=[mixed]", "target.labels=expert",
+           "target.model.where_weight=1.0", "target.where_frames=4", "target.model.width=32", "target.model.keypoints=4",
+           "target.model.expert_width=32", "target.model.expert_blocks=1", "target.eval_windows=8"]
+    cfg = config(tmp_path, tiny_dataset, *vla, "target.steps=6", "target.eval_every=6", tiny=COMMON)
     final = train(cfg, tmp_path / "run")
     assert {"flow", "where", "chunk_abs_error"} <= set(final)
     logged = [m for m in metrics(tmp_path / "run/metrics.jsonl") if "loss" in m]
@@ -118,6 +118,12 @@ def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary(tmp_path, ti
                  "target.labels=imagined", tiny=COMMON)
     with pytest.raises(ValueError, match="target.labels must be recorded or expert"):
         train(bad, tmp_path / "bad")
+    # Fine-tuning starts from the given weights: at lr 0 it ends with them unchanged.
+    tuned = config(tmp_path / "tuned", tiny_dataset, *vla, "target.lr=0", "target.steps=2",
+                   f"target.init={tmp_path}/out", tiny=COMMON)
+    train(tuned, tmp_path / "tuned/run")
+    before, after = VLA.load(tmp_path / "out").state_dict(), VLA.load(tmp_path / "tuned/out").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def _train_cli(tmp_path, data, run, *overrides, **popen):
