@@ -432,7 +432,10 @@ def record_episode(env, policy, seed: int, policy_name: str, options: dict | Non
     and gets `reset(instruction)` and `act(info, obs)`."""
     obs, info = env.reset(seed=seed, options=options)
     reads_obs = getattr(policy, "reads_observation", False)
-    policy.reset(obs["instruction"]) if reads_obs else policy.reset()
+    if reads_obs:
+        policy.reset(obs["instruction"])
+    else:
+        policy.reset()
     cameras = env.unwrapped.cameras
     shapes = getattr(env.unwrapped, "privileged_shapes", {})
     pixels, states, actions, infos = [], [], [], []

@@ -115,10 +115,10 @@ def main(cfg: DictConfig) -> None:
     if cfg.workers < 1:
         raise ValueError(f"workers must be >= 1, got {cfg.workers}")
     if cfg.policy == "dagger":
-        from models.checkpoint import load_checkpoint
-        load_checkpoint(cfg.dagger.vla)  # a missing or broken VLA fails here, not in every worker
         if not 0 <= cfg.dagger.beta <= 1:
             raise ValueError(f"dagger.beta (the share of expert steps) must be in [0, 1], got {cfg.dagger.beta}")
+        from models.checkpoint import load_checkpoint
+        load_checkpoint(cfg.dagger.vla)  # a missing or broken VLA fails here, not in every worker
 
     env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
     options = {k: v for k, v in env_cfg.items() if k != "id"}

@@ -317,8 +317,7 @@ class VLA(nn.Module):
             if action_pad.shape != (len(pixels), cfg.chunk):
                 raise ValueError(f"action_pad must be [B, K] = [{len(pixels)}, {cfg.chunk}], "
                                  f"got {list(action_pad.shape)}")
-            real = (~action_pad[demo]).repeat_interleave(cfg.action_dim, dim=1)[:, None].float()  # [B, 1, K·A]
-            real = real.repeat_interleave(m, 0)
+            real = (~action_pad[demo]).repeat_interleave(cfg.action_dim, 1).repeat_interleave(m, 0)[:, None].float()
             losses = {"flow": (error * real).sum() / real.sum()}
         else:
             losses = {"flow": error.mean()}
