@@ -42,6 +42,8 @@ class VLAConfig:
     depth: int = 4  # transformer layers (vit)
     heads: int = 4
     patch: int = 8  # the conv stem's patch size: (image_size / patch)² image tokens (vit)
+    channels: tuple[int, int, int] = (32, 64, 128)  # the cnn's three stages (the last at 1/4 resolution)
+    stem: int = 2  # cnn: the first convolution's stride, 2 (3x3, then a stride-2 stage) or 4 (4x4 patches)
     keypoints: int = 32  # spatial soft-argmax keypoints (cnn)
     language_points: int = 0  # soft-argmax points whose 1x1 filters the instruction writes (cnn)
     coarse: bool = True  # the context also reads a coarse 8x8 feature map (cnn)
@@ -54,6 +56,9 @@ class VLAConfig:
     aux_horizon: int = 4  # future chunks the auxiliary predicts
     aux_weight: float = 0.0  # weight of the VLA-JEPA auxiliary loss (0: off)
     where_weight: float = 0.0  # weight of the "where" auxiliary: language points find what is named (0: off)
+
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)  # a list from JSON or a config file
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,17 +118,21 @@ class ConvBackbone(nn.Module):
     [B, W]. Query tokens (the auxiliary) read the context only: each is context + its own learned
     embedding."""
 
-    CHANNELS = (32, 64, 128)
-
     def __init__(self, cfg: VLAConfig):
         super().__init__()
         if cfg.image_size % 8:
             raise ValueError(f"the cnn backbone needs an image size divisible by 8, got {cfg.image_size}")
-        c1, c2, c3 = self.CHANNELS
-        self.convs = nn.ModuleList([nn.Conv2d(3 * cfg.cameras, c1, 3, stride=2, padding=1),
-                                    nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.Conv2d(c2, c3, 3, padding=1)])
-        self.norms = nn.ModuleList(nn.GroupNorm(8, c) for c in self.CHANNELS)
-        self.film = nn.Linear(LANG_DIM, 2 * sum(self.CHANNELS))
+        if cfg.stem not in (2, 4):
+            raise ValueError(f"the cnn stem's stride must be 2 or 4, got {cfg.stem}")
+        self.channels = c1, c2, c3 = tuple(cfg.channels)
+        # Both stems reach 1/4 resolution after two stages; the 4x4 one gets there without the
+        # half-resolution feature map, whose convolution, norm and activation cost most per pixel.
+        stem = (nn.Conv2d(3 * cfg.cameras, c1, 3, stride=2, padding=1) if cfg.stem == 2
+                else nn.Conv2d(3 * cfg.cameras, c1, 4, stride=4))
+        self.convs = nn.ModuleList([stem, nn.Conv2d(c1, c2, 3, stride=4 // cfg.stem, padding=1),
+                                    nn.Conv2d(c2, c3, 3, padding=1)])
+        self.norms = nn.ModuleList(nn.GroupNorm(8, c) for c in self.channels)
+        self.film = nn.Linear(LANG_DIM, 2 * sum(self.channels))
         nn.init.zeros_(self.film.weight)  # starts as the identity modulation
         nn.init.zeros_(self.film.bias)
         self.keypoint_maps = nn.Conv2d(c3, cfg.keypoints, 1)
@@ -149,7 +158,7 @@ class ConvBackbone(nn.Module):
         [B, language_points, (H/4)·(W/4)] (None without language points)."""
         b, v, h, w, _ = pixels.shape
         x = pixels.permute(0, 1, 4, 2, 3).reshape(b, v * 3, h, w).float() / 127.5 - 1.0
-        films = self.film(lang).split([2 * c for c in self.CHANNELS], dim=1)
+        films = self.film(lang).split([2 * c for c in self.channels], dim=1)
         for conv, norm, film in zip(self.convs, self.norms, films):
             scale, shift = film[:, :, None, None].chunk(2, dim=1)
             x = F.silu(norm(conv(x)) * (1 + scale) + shift)

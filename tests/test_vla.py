@@ -68,9 +68,13 @@ def test_sampling_is_deterministic_per_seed():
     assert not torch.allclose(a[:, 0], a[:, 1])  # the n samples of one observation differ too
 
 
-@pytest.mark.parametrize("backbone", ["vit", "cnn"])
+BACKBONES = {"vit": dict(backbone="vit"), "cnn": dict(backbone="cnn"),
+             "cnn_patch_stem": dict(backbone="cnn", stem=4, channels=(16, 32, 32))}
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_backbone_runs_once_per_observation(backbone):
-    model = make(backbone=backbone).eval()
+    model = make(**BACKBONES[backbone]).eval()
     calls = []
     model.backbone.register_forward_hook(lambda mod, inp, out: calls.append(out[0].shape))
     out = model.sample_chunks(batch_of(3), 16, gen(0))
@@ -78,11 +82,11 @@ def test_backbone_runs_once_per_observation(backbone):
     assert calls == [torch.Size([3, 32])]
 
 
-@pytest.mark.parametrize("backbone", ["vit", "cnn"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_training_overfits_a_tiny_batch(backbone):
     """4 observations with distinct instructions and distinct target chunks: after a few hundred
     steps, samples land on each observation's own target (de-normalised through the stats)."""
-    model = make(backbone=backbone)
+    model = make(**BACKBONES[backbone])
     cfg = model.cfg
     batch = batch_of(4, seed=1)
     targets = (torch.rand(4, cfg.chunk, cfg.action_dim, generator=gen(2)) * 1.6 - 0.8)
@@ -226,8 +230,9 @@ def test_actions_past_the_episode_end_are_left_out_of_the_flow_loss(flow_samples
         flow(actions, pad[:, :2])
 
 
-def test_checkpoint_round_trip(tmp_path):
-    model = make(aux_weight=0.1).eval()
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_checkpoint_round_trip(tmp_path, backbone):
+    model = make(aux_weight=0.1, **BACKBONES[backbone]).eval()
     model.set_normalization({"state": {"mean": [0.1] * 4, "std": [2.0] * 4},
                              "action": {"mean": [0.1, -0.2], "std": [0.3, 0.4]}})
     save_checkpoint(tmp_path / "vla", {"vla": model}, {"kind": "vla", "model": model.cfg.to_dict()})
@@ -235,6 +240,11 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded.cfg == model.cfg and not loaded.training
     batch = batch_of(2)
     assert torch.equal(loaded.sample_chunks(batch, 5, gen(9)), model.sample_chunks(batch, 5, gen(9)))
+
+
+def test_a_cnn_stem_other_than_2_or_4_is_refused():
+    with pytest.raises(ValueError, match="stem's stride must be 2 or 4, got 3"):
+        make(backbone="cnn", stem=3)
 
 
 def test_bad_batches_raise_clear_errors():
