@@ -124,6 +124,9 @@ class ConvBackbone(nn.Module):
             raise ValueError(f"the cnn backbone needs an image size divisible by 8, got {cfg.image_size}")
         if cfg.stem not in (2, 4):
             raise ValueError(f"the cnn stem's stride must be 2 or 4, got {cfg.stem}")
+        if len(cfg.channels) != 3 or any(c % 8 for c in cfg.channels):
+            raise ValueError(f"the cnn needs 3 channel widths, each a multiple of 8 (its GroupNorm has 8 groups), "
+                             f"got {list(cfg.channels)}")
         self.channels = c1, c2, c3 = tuple(cfg.channels)
         # Both stems reach 1/4 resolution after two stages; the 4x4 one gets there without the
         # half-resolution feature map, whose convolution, norm and activation cost most per pixel.

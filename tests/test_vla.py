@@ -242,9 +242,13 @@ def test_checkpoint_round_trip(tmp_path, backbone):
     assert torch.equal(loaded.sample_chunks(batch, 5, gen(9)), model.sample_chunks(batch, 5, gen(9)))
 
 
-def test_a_cnn_stem_other_than_2_or_4_is_refused():
+def test_bad_cnn_shapes_are_refused():
     with pytest.raises(ValueError, match="stem's stride must be 2 or 4, got 3"):
         make(backbone="cnn", stem=3)
+    with pytest.raises(ValueError, match=r"3 channel widths, each a multiple of 8.*got \[32, 64, 60\]"):
+        make(backbone="cnn", channels=(32, 64, 60))
+    with pytest.raises(ValueError, match="3 channel widths"):
+        make(backbone="cnn", channels=(32, 64))
 
 
 def test_bad_batches_raise_clear_errors():
