@@ -127,7 +127,7 @@ class ConvBackbone(nn.Module):
         if len(cfg.channels) != 3 or any(c % 8 for c in cfg.channels):
             raise ValueError(f"the cnn needs 3 channel widths, each a multiple of 8 (its GroupNorm has 8 groups), "
                              f"got {list(cfg.channels)}")
-        self.channels = c1, c2, c3 = tuple(cfg.channels)
+        self.channels = c1, c2, c3 = cfg.channels
         # Both stems reach 1/4 resolution after two stages; the 4x4 one gets there without the
         # half-resolution feature map, whose convolution, norm and activation cost most per pixel.
         stem = (nn.Conv2d(3 * cfg.cameras, c1, 3, stride=2, padding=1) if cfg.stem == 2
@@ -290,9 +290,9 @@ class VLA(nn.Module):
         """The training losses. pixels uint8 [B, V, H, W, 3], state [B, P], lang [B, L], actions
         [B, K, A] (raw), action_pad bool [B, K] (True: a copy past the episode's end, left out of
         the flow loss; `WindowSampler(pad_end=True)`), future_latents [B, aux_horizon, D] (targets:
-        the world model's sg[f̄] of the next chunks' end frames), where [B, P, 2] (targets for the first P ≤ language_points points:
-        where the pusher and the things the instruction names appear in the image, (u, v) in
-        [-1, 1], NaN if unseen) -> {"flow", "loss"} (+ "jepa" when aux_weight > 0, "where" when
+        the world model's sg[f̄] of the next chunks' end frames), where [B, P, 2] (targets for the
+        first P ≤ language_points points: where the pusher and the things the instruction names
+        appear in the image, (u, v) in [-1, 1], NaN if unseen) -> {"flow", "loss"} (+ "jepa" when aux_weight > 0, "where" when
         where_weight > 0, and their targets are given). τ ~ U(0, 1) and ε ~ N(0, I)
         come from `generator`. Rows whose actions are NaN are not demonstrations: they train only
         the "where" auxiliary (points whose `where` is NaN do not).
