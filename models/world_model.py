@@ -36,6 +36,11 @@ class WorldModelConfig:
     encoder: str = "cnn"  # "cnn" or "vit"
     keypoints: int = 32  # of the cnn encoder's spatial soft-argmax
     grid: int = 4  # side of the cnn encoder's last feature map at 64x64 input, flattened (4 or 8)
+    # The cnn encoder's keypoints are the latent's first 2·keypoints entries (through a learned
+    # per-entry scale and offset) instead of only feeding its projection, so where things are stays
+    # linearly readable; the projection fills the rest. Their maps are then standardised and
+    # sharpened by a learned temperature, so that every keypoint follows something from the start.
+    keypoint_latent: bool = False
     # The predictor is sized for the planner's budget (foresight-bench world_model): about
     # 0.5 MFLOP per imagined chunk-step.
     width: int = 128
@@ -56,9 +61,9 @@ class CNNEncoder(nn.Module):
     (64x64 -> 8x8x64 in the recipe, or 4x4x128), flattened: the finer grid says more precisely
     where things are, and costs less. Beside it, a spatial soft-argmax on the stem's features:
     each of `keypoints` maps becomes the expected (x, y) of its activation, a form of "where things
-    are" that the predictor and a linear probe can read directly. (Keypoints alone let the latent
-    collapse onto the state vector, to an effective rank of 3; a full-resolution stride-2 stem
-    costs 5x more.)
+    are" that the predictor can read directly and, with `keypoint_latent`, that is part of the
+    latent itself. (Keypoints alone let the latent collapse onto the state vector, to an effective
+    rank of 3; a full-resolution stride-2 stem costs 5x more.)
     """
 
     def __init__(self, cfg: WorldModelConfig):
@@ -77,16 +82,33 @@ class CNNEncoder(nn.Module):
         ys, xs = torch.meshgrid(side, side, indexing="ij")
         self.register_buffer("grid", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
         flat = (128 if cfg.grid == 4 else 64) * (cfg.image_size * cfg.grid // 64) ** 2
+        n_points = 2 * cfg.keypoints if cfg.keypoint_latent else 0
+        if cfg.latent_dim <= n_points:
+            raise ValueError(f"keypoint_latent puts the {cfg.keypoints} keypoints' {n_points} coordinates in the "
+                             f"latent, so latent_dim must exceed {n_points}, got {cfg.latent_dim}")
+        # Initialised to spread coordinates in [-1, 1] to about unit variance, as SIGReg asks.
+        self.point_scale = nn.Parameter(torch.full((n_points,), 2.0)) if n_points else None
+        self.point_shift = nn.Parameter(torch.zeros(n_points)) if n_points else None
+        # Raw 1x1 maps start almost flat: their soft-argmax sits at the centre and barely learns
+        # (24 of 32 keypoints stayed there in a trained model).
+        self.point_temperature = nn.Parameter(torch.full((cfg.keypoints, 1), 3.0)) if n_points else None
         self.proj = nn.Sequential(nn.Linear(flat + 2 * cfg.keypoints + cfg.state_dim, 512), nn.SiLU(),
-                                  nn.Linear(512, cfg.latent_dim))
+                                  nn.Linear(512, cfg.latent_dim - n_points))
 
     def forward(self, pixels: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """pixels uint8 [N, V, H, W, 3], state [N, P] -> [N, D]."""
         n, v, h, w, _ = pixels.shape
         x = self.stem(pixels.permute(0, 1, 4, 2, 3).reshape(n, v * 3, h, w).float() / 127.5 - 1.0)
-        attention = torch.softmax(self.keypoint_maps(x).flatten(2), dim=-1)  # [N, keypoints, h/4 * w/4]
-        keypoints = attention @ self.grid  # [N, keypoints, 2]
-        return self.proj(torch.cat([self.conv(x).flatten(1), keypoints.flatten(1), state], dim=1))
+        logits = self.keypoint_maps(x).flatten(2)  # [N, keypoints, h/4 * w/4]
+        if self.point_temperature is not None:
+            mean, std = logits.mean(-1, keepdim=True), logits.std(-1, keepdim=True)
+            logits = (logits - mean) / (std + 1e-3) * self.point_temperature
+        attention = torch.softmax(logits, dim=-1)
+        keypoints = (attention @ self.grid).flatten(1)  # [N, 2 * keypoints]
+        rest = self.proj(torch.cat([self.conv(x).flatten(1), keypoints, state], dim=1))
+        if self.point_scale is None:
+            return rest
+        return torch.cat([keypoints * self.point_scale + self.point_shift, rest], dim=1)
 
 
 class ViTEncoder(nn.Module):

@@ -79,3 +79,24 @@ def test_state_is_standardised_by_state_scale_and_bad_settings_are_refused():
         make(state_scale=[1.0, 1.0])
     with pytest.raises(ValueError, match="grid must be 4 or 8"):
         make(grid=6)
+
+
+def test_keypoint_latent_puts_where_a_blob_is_into_the_latent():
+    wm = make(grid=8, keypoint_latent=True)
+    enc = wm.encoder
+    with torch.no_grad():  # stem channel 0 sees red; keypoint 0 attends sharply to it
+        enc.stem[0].weight.zero_()
+        enc.stem[0].bias.zero_()
+        enc.stem[0].weight[0, 0] = 1.0 / 16
+        enc.keypoint_maps.weight.zero_()
+        enc.keypoint_maps.weight[0, 0] = 50.0
+    side = torch.linspace(-1, 1, 16)
+    for row, col in ((2, 5), (11, 9)):
+        pixels = torch.zeros(1, 1, 1, 64, 64, 3, dtype=torch.uint8)
+        pixels[..., 4 * row:4 * row + 4, 4 * col:4 * col + 4, 0] = 255
+        z = wm.encode(pixels, torch.zeros(1, 1, 4))[0, 0]
+        assert z.shape == (128,)
+        # Entries 0 and 1 are keypoint 0's (x, y) through the initial scale 2 and shift 0.
+        torch.testing.assert_close(z[:2] / 2, torch.stack([side[col], side[row]]), atol=0.02, rtol=0)
+    with pytest.raises(ValueError, match="latent_dim must exceed 64"):
+        make(keypoint_latent=True, latent_dim=64)
