@@ -25,8 +25,8 @@ from models.goal import GoalModel
 from models.vla import VLA
 
 COMMON = ["target.batch=8", "target.warmup=2", "log_every=1", "threads=1"]
-TINY = [*COMMON, "target.model.latent_dim=16", "target.model.width=32", "target.model.blocks=1",
-        "target.model.cond_dim=16", "target.horizon=2", "target.eval_windows=16"]
+TINY = [*COMMON, "target.model.latent_dim=16", "target.model.keypoints=4", "target.model.width=32",
+        "target.model.blocks=1", "target.model.cond_dim=16", "target.horizon=2", "target.eval_windows=16"]
 
 
 def config(tmp_path, data, *overrides, tiny=TINY):
