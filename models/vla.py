@@ -292,8 +292,8 @@ class VLA(nn.Module):
         the flow loss; `WindowSampler(pad_end=True)`), future_latents [B, aux_horizon, D] (targets:
         the world model's sg[f̄] of the next chunks' end frames), where [B, P, 2] (targets for the
         first P ≤ language_points points: where the pusher and the things the instruction names
-        appear in the image, (u, v) in [-1, 1], NaN if unseen) -> {"flow", "loss"} (+ "jepa" when aux_weight > 0, "where" when
-        where_weight > 0, and their targets are given). τ ~ U(0, 1) and ε ~ N(0, I)
+        appear in the image, (u, v) in [-1, 1], NaN if unseen) -> {"flow", "loss"} (+ "jepa" when
+        aux_weight > 0, "where" when where_weight > 0, and their targets are given). τ ~ U(0, 1) and ε ~ N(0, I)
         come from `generator`. Rows whose actions are NaN are not demonstrations: they train only
         the "where" auxiliary (points whose `where` is NaN do not).
 

@@ -82,16 +82,18 @@ class CNNEncoder(nn.Module):
         ys, xs = torch.meshgrid(side, side, indexing="ij")
         self.register_buffer("grid", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
         flat = (128 if cfg.grid == 4 else 64) * (cfg.image_size * cfg.grid // 64) ** 2
+        self.keypoint_latent = cfg.keypoint_latent
         n_points = 2 * cfg.keypoints if cfg.keypoint_latent else 0
         if cfg.latent_dim <= n_points:
             raise ValueError(f"keypoint_latent puts the {cfg.keypoints} keypoints' {n_points} coordinates in the "
                              f"latent, so latent_dim must exceed {n_points}, got {cfg.latent_dim}")
-        # Initialised to spread coordinates in [-1, 1] to about unit variance, as SIGReg asks.
-        self.point_scale = nn.Parameter(torch.full((n_points,), 2.0)) if n_points else None
-        self.point_shift = nn.Parameter(torch.zeros(n_points)) if n_points else None
-        # Raw 1x1 maps start almost flat: their soft-argmax sits at the centre and barely learns
-        # (24 of 32 keypoints stayed there in a trained model).
-        self.point_temperature = nn.Parameter(torch.full((cfg.keypoints, 1), 3.0)) if n_points else None
+        if cfg.keypoint_latent:
+            # Initialised to spread coordinates in [-1, 1] to about unit variance, as SIGReg asks.
+            self.point_scale = nn.Parameter(torch.full((n_points,), 2.0))
+            self.point_shift = nn.Parameter(torch.zeros(n_points))
+            # Raw 1x1 maps start almost flat: their soft-argmax sits at the centre and barely
+            # learns (24 of 32 keypoints stayed there in a trained model).
+            self.point_temperature = nn.Parameter(torch.full((cfg.keypoints, 1), 3.0))
         self.proj = nn.Sequential(nn.Linear(flat + 2 * cfg.keypoints + cfg.state_dim, 512), nn.SiLU(),
                                   nn.Linear(512, cfg.latent_dim - n_points))
 
@@ -100,13 +102,13 @@ class CNNEncoder(nn.Module):
         n, v, h, w, _ = pixels.shape
         x = self.stem(pixels.permute(0, 1, 4, 2, 3).reshape(n, v * 3, h, w).float() / 127.5 - 1.0)
         logits = self.keypoint_maps(x).flatten(2)  # [N, keypoints, h/4 * w/4]
-        if self.point_temperature is not None:
+        if self.keypoint_latent:
             mean, std = logits.mean(-1, keepdim=True), logits.std(-1, keepdim=True)
             logits = (logits - mean) / (std + 1e-3) * self.point_temperature
         attention = torch.softmax(logits, dim=-1)
         keypoints = (attention @ self.grid).flatten(1)  # [N, 2 * keypoints]
         rest = self.proj(torch.cat([self.conv(x).flatten(1), keypoints, state], dim=1))
-        if self.point_scale is None:
+        if not self.keypoint_latent:
             return rest
         return torch.cat([keypoints * self.point_scale + self.point_shift, rest], dim=1)
 
