@@ -251,7 +251,7 @@ def _reference_optimizers(wm, goal_model, observations, mppi, cem, cfg) -> dict[
 
     totals = {name: np.zeros(2) for name in ("mppi", "pytorch_mppi", "cem", "ng_cma")}  # seconds, cost
     for i, (z_hist, lang) in enumerate([observations[0], *observations]):  # i = 0: an uncounted warm-up
-        objective = Objective(wm, z_hist, lang, Goal(latent=goal_model.goal(lang, z_hist[:, -1])[0]), cfg.cost)
+        objective = Objective(wm, z_hist, lang, Goal.from_model(goal_model, lang, z_hist[:, -1]), cfg.cost)
         mean = torch.zeros(cfg.horizon, wm.cfg.chunk, wm.cfg.action_dim)
         init = Proposal(mean, torch.full_like(mean, cfg.init_std))
         seed = lambda: torch.Generator().manual_seed(i)  # noqa: E731

@@ -22,7 +22,7 @@ from envs.experts import N_NAMED_POINTS, expert_labels, named_points, replay_inf
 from envs.scene import image_coords
 from models import WorldModel, WorldModelConfig, get_instruction_encoder
 from models.decoder import PixelDecoder, PixelDecoderConfig, world_model_digest
-from models.goal import GoalModel, GoalModelConfig
+from models.goal import GoalModel, GoalModelConfig, gaussian_nll
 from models.objectives import WorldModelLossConfig, WorldModelObjective
 from models.vla import VLA, VLAConfig
 
@@ -263,7 +263,9 @@ def goal_metrics(model: GoalModel, episodes: SuccessfulEpisodes) -> dict[str, fl
     scores = torch.stack([model.score(b["z_final"], lang_of_text[j:j + 1]) for j in range(len(texts))], 1)
     critic_top1 = (texts[scores.argmax(1)] == b["instruction_ids"]).float().mean().item()
     order = (model.score(b["z_final"], b["lang"]) > model.score(b["z_now"], b["lang"])).float().mean().item()
-    return {"goal_mse": torch.nn.functional.mse_loss(model.goal(b["lang"], b["z_now"]), b["z_final"]).item(),
+    mean, log_var = model.predict(b["lang"], b["z_now"])
+    return {"goal_mse": torch.nn.functional.mse_loss(mean, b["z_final"]).item(),
+            "goal_nll": (gaussian_nll(b["z_final"], mean, log_var) / mean.shape[-1]).mean().item(),
             "retrieval_pairwise": pairwise, "retrieval_top1": top1, "retrieval_pairwise_copy_z0": pairwise_copy,
             "critic_instruction_top1": critic_top1, "critic_final_above_first": order, "episodes": float(len(e))}
 

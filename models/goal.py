@@ -1,10 +1,14 @@
 """Where the instruction wants the world to end up, in the world model's latent space.
 
-    GoalModel.goal(ℓ, z_now)  -> z_goal       regressed onto sg[f̄(o_T)] of successful episodes
-    GoalModel.score(z, ℓ)     -> how well z fulfils ℓ (higher is better), trained contrastively
+    GoalModel.goal(ℓ, z_now)     -> z_goal             regressed onto sg[f̄(o_T)] of successful episodes
+    GoalModel.predict(ℓ, z_now)  -> z_goal, log σ²     with `variance`: a Gaussian over the final latent
+    GoalModel.score(z, ℓ)        -> how well z fulfils ℓ (higher is better), trained contrastively
 
 The goal is a residual on z_now: most of the scene (objects the instruction does not name) ends
-where it started, so the network only has to say what moves.
+where it started, so the network only has to say what moves. With `variance` it also says, per
+latent dimension, how tightly the instruction pins the final state down (trained by Gaussian
+negative log-likelihood): the named object's place on its pad is pinned, where the pusher comes to
+rest beside it is not. The planner's `nll` distance weighs each dimension by that precision.
 """
 
 from __future__ import annotations
@@ -24,20 +28,30 @@ class GoalModelConfig:
     width: int = 512
     critic_dim: int = 128
     temperature: float = 0.1  # of the critic's InfoNCE
+    variance: bool = False  # also predict log σ² per dimension of the final latent (Gaussian NLL)
+    dropout: float = 0.0  # in the goal network: ~3k successful episodes are few for 640 inputs
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _mlp(inp: int, width: int, out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inp, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, out))
+# log σ² is kept in a range where the NLL stays well conditioned (σ from 0.02 to 7 latent units).
+LOG_VAR_RANGE = (-8.0, 4.0)
+
+
+def _mlp(inp: int, width: int, out: int, dropout: float = 0.0) -> nn.Sequential:
+    # Dropout layers only where asked for, so checkpoints without them keep their parameter names.
+    drop = [nn.Dropout(dropout)] if dropout else []
+    return nn.Sequential(nn.Linear(inp, width), nn.SiLU(), *drop, nn.Linear(width, width), nn.SiLU(), *drop,
+                         nn.Linear(width, out))
 
 
 class GoalModel(nn.Module):
     def __init__(self, cfg: GoalModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.goal_net = _mlp(LANG_DIM + cfg.latent_dim, cfg.width, cfg.latent_dim)
+        out = 2 * cfg.latent_dim if cfg.variance else cfg.latent_dim
+        self.goal_net = _mlp(LANG_DIM + cfg.latent_dim, cfg.width, out, cfg.dropout)
         self.critic_z = _mlp(cfg.latent_dim, cfg.width, cfg.critic_dim)
         self.critic_lang = _mlp(LANG_DIM, cfg.width, cfg.critic_dim)
 
@@ -49,7 +63,16 @@ class GoalModel(nn.Module):
 
     def goal(self, lang: torch.Tensor, z_now: torch.Tensor) -> torch.Tensor:
         """lang [B, L], z_now [B, D] -> z_goal [B, D]."""
-        return z_now + self.goal_net(torch.cat([lang, z_now], dim=-1))
+        return self.predict(lang, z_now)[0]
+
+    def predict(self, lang: torch.Tensor, z_now: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """lang [B, L], z_now [B, D] -> the final latent's mean [B, D] and log σ² [B, D] (zeros,
+        i.e. unit variance, without `variance`)."""
+        out = self.goal_net(torch.cat([lang, z_now], dim=-1))
+        if not self.cfg.variance:
+            return z_now + out, torch.zeros_like(z_now)
+        delta, log_var = out.chunk(2, dim=-1)
+        return z_now + delta, log_var.clamp(*LOG_VAR_RANGE)
 
     def score(self, z: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
         """z [B, D], lang [B, L] (or [1, L]) -> [B]: cosine similarity / temperature."""
@@ -67,13 +90,20 @@ class GoalModel(nn.Module):
 
         lang [B, L]; instruction_ids [B] (equal ids = the same instruction text, so that duplicates
         in a batch are positives, not negatives); z_now [B, D] a frame of the episode; z_final [B, D]
-        its last frame. Returns goal (MSE), critic (InfoNCE over the batch's instructions plus a
+        its last frame. Returns goal (MSE, or with `variance` the Gaussian NLL per dimension), critic (InfoNCE over the batch's instructions plus a
         ranking term: the final state must outscore the current one) and their sum, loss.
         """
-        goal = F.mse_loss(self.goal(lang, z_now), z_final)
+        mean, log_var = self.predict(lang, z_now)
+        goal = (gaussian_nll(z_final, mean, log_var) / mean.shape[-1]).mean() if self.cfg.variance \
+            else F.mse_loss(mean, z_final)
         logits = self._embed_z(z_final) @ self._embed_lang(lang).T / self.cfg.temperature  # [B, B]
         positive = (instruction_ids[:, None] == instruction_ids[None, :]).float()
         nce = -(torch.log_softmax(logits, dim=1) * positive / positive.sum(1, keepdim=True)).sum(1).mean()
         later = F.softplus(self.score(z_now, lang) - self.score(z_final, lang)).mean()
         critic = nce + later
         return {"loss": goal + critic, "goal": goal, "critic_nce": nce, "critic_order": later}
+
+
+def gaussian_nll(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """-log N(z; mean, diag σ²) up to its constant, summed over the last dimension: [..., D] -> [...]."""
+    return 0.5 * ((z - mean) ** 2 * torch.exp(-log_var) + log_var).sum(-1)

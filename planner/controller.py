@@ -230,7 +230,7 @@ class ForesightController:
             return Goal(latent=self._goal_latent)
         if self.cfg.goal == "critic":
             return Goal(critic=lambda z: self.goal_model.score(z, self.lang))
-        return Goal(latent=self.goal_model.goal(self.lang, z_now)[0])
+        return Goal.from_model(self.goal_model, self.lang, z_now)
 
     def _tensors(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """An observation as (pixels uint8 [V, H, W, 3], state f32 [P]); cameras in the dict's order."""

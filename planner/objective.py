@@ -6,7 +6,10 @@
              + prior_weight · min_n ‖a_0 − vla_n‖² / (K·A)         optional VLA prior
 
 The goal is a latent (from the goal model G(ℓ, z_now), or an encoded goal image) compared by
-`distance`, or the language critic, whose score is negated. Nothing here reads the simulator.
+`distance`, or the language critic, whose score is negated. The `nll` distance is the negative
+log-likelihood of ẑ under the goal model's Gaussian over final latents, so dimensions the
+instruction pins down weigh more; a goal without a variance gives it unit variance (half the squared
+L2). Nothing here reads the simulator.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DISTANCES = ("l2", "l1", "cosine")
+from models.goal import gaussian_nll
+
+DISTANCES = ("l2", "l1", "cosine", "nll")
 
 
 @dataclass
 class CostConfig:
-    distance: str = "l2"  # l2 | l1 | cosine, between an imagined latent and the goal latent
+    distance: str = "l2"  # l2 | l1 | cosine | nll, between an imagined latent and the goal latent
     running_weight: float = 0.0  # weight of the intermediate latents' mean distance to the goal
     prior_weight: float = 0.0  # pull the first chunk towards the nearest VLA proposal
 
@@ -32,8 +37,10 @@ class CostConfig:
             raise ValueError("running_weight and prior_weight must be ≥ 0")
 
 
-def latent_distance(z: torch.Tensor, goal: torch.Tensor, kind: str) -> torch.Tensor:
-    """z [..., D], goal [D] -> [...]."""
+def latent_distance(z: torch.Tensor, goal: torch.Tensor, kind: str, log_var: torch.Tensor | None = None) -> torch.Tensor:
+    """z [..., D], goal [D] (log_var [D]: the goal's log σ², used by nll) -> [...]."""
+    if kind == "nll":
+        return gaussian_nll(z, goal, torch.zeros_like(goal) if log_var is None else log_var)
     if kind == "l2":
         return (z - goal).norm(dim=-1)
     if kind == "l1":
@@ -43,10 +50,18 @@ def latent_distance(z: torch.Tensor, goal: torch.Tensor, kind: str) -> torch.Ten
 
 @dataclass
 class Goal:
-    """Either a goal latent [D] or a critic: score(z [M, D]) -> [M], higher is better."""
+    """Either a goal latent [D] (with the goal model's log σ² [D] where it has one) or a critic:
+    score(z [M, D]) -> [M], higher is better."""
 
     latent: torch.Tensor | None = None
     critic: object = None  # Callable[[Tensor], Tensor]
+    log_var: torch.Tensor | None = None
+
+    @classmethod
+    def from_model(cls, goal_model, lang: torch.Tensor, z_now: torch.Tensor) -> "Goal":
+        """The goal model's prediction for one observation: lang [1, L], z_now [1, D]."""
+        mean, log_var = goal_model.predict(lang, z_now)
+        return cls(latent=mean[0], log_var=log_var[0])
 
     def __post_init__(self):
         if (self.latent is None) == (self.critic is None):
@@ -55,7 +70,7 @@ class Goal:
     def cost(self, z: torch.Tensor, distance: str) -> torch.Tensor:
         """z [..., D] -> [...], lower is better."""
         if self.latent is not None:
-            return latent_distance(z, self.latent, distance)
+            return latent_distance(z, self.latent, distance, self.log_var)
         return -self.critic(z.reshape(-1, z.shape[-1])).view(z.shape[:-1])
 
 

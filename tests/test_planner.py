@@ -109,6 +109,40 @@ def test_objective_terms():
         CostConfig(distance="l3")
 
 
+def test_nll_distance_weighs_dimensions_by_the_goals_precision():
+    """A goal pinned down along x (σ = 0.1) but loose along y (σ = 10): missing by 0.5 in x costs
+    more than missing by 3 in y, the opposite of what L2 says."""
+    z_hist, lang = torch.zeros(1, 1, 2), torch.zeros(1, 384)
+    cands = torch.zeros(2, 1, 1, 2)
+    cands[0, 0, 0] = torch.tensor([4.5, 0.0])  # ends 0.5 off in x
+    cands[1, 0, 0] = torch.tensor([4.0, 3.0])  # ends 3 off in y
+    goal = Goal(latent=torch.tensor([4.0, 0.0]), log_var=torch.tensor([0.1, 10.0]).log() * 2)
+    l2 = Objective(Drift(), z_hist, lang, goal)(cands)
+    nll = Objective(Drift(), z_hist, lang, goal, CostConfig(distance="nll"))(cands)
+    assert l2[0] < l2[1] and nll[0] > nll[1]
+    unit = Objective(Drift(), z_hist, lang, Goal(latent=torch.tensor([4.0, 0.0])), CostConfig(distance="nll"))(cands)
+    torch.testing.assert_close(unit, torch.tensor([0.125, 4.5]))  # no variance: half the squared L2
+
+
+def test_the_goal_models_variance_learns_which_dimensions_the_instruction_pins_down():
+    """Final latents whose first dimension is set by the instruction and whose second is noise: the
+    goal model with `variance` learns a small σ for the first and σ ≈ 1 for the second."""
+    torch.manual_seed(0)
+    model = GoalModel(GoalModelConfig(latent_dim=2, width=32, critic_dim=4, variance=True))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    lang = torch.randn(2, 384)
+    for _ in range(600):
+        which = torch.randint(2, (128,))
+        z_final = torch.stack([which.float() * 2 - 1, torch.randn(128)], 1)
+        loss = model(lang[which], which, torch.zeros(128, 2), z_final)["goal"]
+        opt.zero_grad(), loss.backward(), opt.step()
+    with torch.no_grad():
+        mean, log_var = model.predict(lang, torch.zeros(2, 2))
+    torch.testing.assert_close(mean[:, 0], torch.tensor([-1.0, 1.0]), atol=0.15, rtol=0)
+    sigma = (log_var / 2).exp()
+    assert (sigma[:, 0] < 0.2).all() and ((sigma[:, 1] > 0.7) & (sigma[:, 1] < 1.4)).all(), sigma
+
+
 # ---------------------------------------------------------------------------- controller
 
 

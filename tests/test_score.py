@@ -48,8 +48,8 @@ class PointWorld:
 
 
 class FixedGoal:
-    def goal(self, lang, z_now):
-        return torch.tensor([[2.0, 0.0]])
+    def predict(self, lang, z_now):
+        return torch.tensor([[2.0, 0.0]]), torch.zeros(1, 2)
 
 
 def test_candidates_are_ranked_by_their_imagined_end_state_not_their_path():
