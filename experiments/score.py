@@ -73,8 +73,7 @@ def score_observations(world_model, goal_model, pixels, state, lang: torch.Tenso
     for n in tqdm(range(len(candidates)), desc="scoring", unit="obs", leave=False):
         z = world_model.encode(torch.as_tensor(pixels[n])[None], torch.as_tensor(state[n])[None])  # [1, h, D]
         chunks, ln = torch.as_tensor(candidates[n], dtype=torch.float32), lang[n:n + 1]
-        target = (Goal(critic=lambda x: goal_model.score(x, ln)) if goal == "critic"
-                  else Goal.from_model(goal_model, ln, z[:, -1]))
+        target = Goal.from_model(goal_model, ln, z[:, -1], goal)
         out["cost"].append(Objective(world_model, z, ln, target, cost)(chunks).numpy())
         out["cost_goal_z0"].append(Objective(world_model, z, ln, Goal(latent=z[0, -1]), cost)(chunks).numpy())
         out["path_length"].append(chunks.flatten(1, 2).norm(dim=-1).sum(-1).numpy())

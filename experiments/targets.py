@@ -235,7 +235,8 @@ class SuccessfulEpisodes:
     def batch(self, e: np.ndarray, t: np.ndarray) -> dict[str, torch.Tensor]:
         """Episodes `e` (indices among the successful ones) at frames `t`."""
         return {"lang": self.lang[e], "instruction_ids": self.ids[e],
-                "z_now": self.z[self.offsets[e] + t], "z_final": self.z[self.offsets[e] + self.lengths[e]]}
+                "z_now": self.z[self.offsets[e] + t], "z_final": self.z[self.offsets[e] + self.lengths[e]],
+                "to_go": torch.from_numpy(self.lengths[e] - t)}
 
 
 @torch.no_grad()
@@ -267,7 +268,21 @@ def goal_metrics(model: GoalModel, episodes: SuccessfulEpisodes) -> dict[str, fl
     return {"goal_mse": torch.nn.functional.mse_loss(mean, b["z_final"]).item(),
             "goal_nll": (gaussian_nll(b["z_final"], mean, log_var) / mean.shape[-1]).mean().item(),
             "retrieval_pairwise": pairwise, "retrieval_top1": top1, "retrieval_pairwise_copy_z0": pairwise_copy,
-            "critic_instruction_top1": critic_top1, "critic_final_above_first": order, "episodes": float(len(e))}
+            "critic_instruction_top1": critic_top1, "critic_final_above_first": order, "episodes": float(len(e)),
+            **(to_go_metrics(model, episodes) if model.to_go_net is not None else {})}
+
+
+@torch.no_grad()
+def to_go_metrics(model: GoalModel, episodes: SuccessfulEpisodes) -> dict[str, float]:
+    """Steps-to-go on every frame of the episodes: mean absolute error (steps) and Spearman's ρ."""
+    from scipy.stats import spearmanr
+
+    e = np.repeat(np.arange(len(episodes)), episodes.lengths + 1)
+    t = np.concatenate([np.arange(n + 1) for n in episodes.lengths])
+    b = episodes.batch(e, t)
+    pred = torch.cat([model.steps_to_go(z, lang) for z, lang in zip(b["z_now"].split(4096), b["lang"].split(4096))])
+    return {"to_go_mae_steps": (pred - b["to_go"]).abs().mean().item(),
+            "to_go_spearman": float(spearmanr(pred.numpy(), b["to_go"].numpy()).statistic)}
 
 
 def random_shift(pixels: np.ndarray, pad: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

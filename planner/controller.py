@@ -36,7 +36,7 @@ from .optimizers import NevergradOptimizer, PlanResult, Proposal, SamplerConfig,
 log = logging.getLogger(__name__)
 
 MODES = ("vla", "vla_rank", "cem", "mppi", "vla_cem", "vla_mppi", "ng")
-GOALS = ("model", "critic", "image")
+GOALS = ("model", "critic", "image", "to_go")
 
 
 @dataclass
@@ -53,7 +53,8 @@ class PlannerConfig:
     init_std: float = 0.5  # of the Gaussian around the warm-started mean
     min_std: float = 0.05
     budget_ms: float | None = None  # anytime deadline per replan
-    goal: str = "model"  # model: G(ℓ, z_now); critic: the language critic; image: reset(goal_obs=...)
+    goal: str = "model"  # model: G(ℓ, z_now); critic: the language critic; image: reset(goal_obs=...);
+    #                      to_go: the goal model's steps-to-go of the imagined end state
     cost: CostConfig = field(default_factory=CostConfig)
     ng_optimizer: str = "CMA"
     ng_evaluations: int = 768
@@ -99,9 +100,12 @@ class ForesightController:
         if cfg.mode != "vla":
             if world_model is None:
                 raise ValueError(f"mode {cfg.mode} needs a world model; pass world_model=WorldModel.load(...)")
-            if cfg.goal in ("model", "critic") and goal_model is None:
+            if cfg.goal in ("model", "critic", "to_go") and goal_model is None:
                 raise ValueError(f"goal={cfg.goal} needs a goal model; pass goal_model=GoalModel.load(...) "
                                  "or use goal=image")
+            if cfg.goal == "to_go" and goal_model.to_go_net is None:
+                raise ValueError("goal=to_go needs a goal model trained with a steps-to-go head "
+                                 "(foresight-train target=goal +target.model.to_go=true)")
         if text_encoder is None:
             from models import get_instruction_encoder
             text_encoder = get_instruction_encoder()
@@ -228,9 +232,7 @@ class ForesightController:
     def _goal(self, z_now: torch.Tensor) -> Goal:
         if self.cfg.goal == "image":
             return Goal(latent=self._goal_latent)
-        if self.cfg.goal == "critic":
-            return Goal(critic=lambda z: self.goal_model.score(z, self.lang))
-        return Goal.from_model(self.goal_model, self.lang, z_now)
+        return Goal.from_model(self.goal_model, self.lang, z_now, self.cfg.goal)
 
     def _tensors(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """An observation as (pixels uint8 [V, H, W, 3], state f32 [P]); cameras in the dict's order."""

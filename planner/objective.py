@@ -58,8 +58,16 @@ class Goal:
     log_var: torch.Tensor | None = None
 
     @classmethod
-    def from_model(cls, goal_model, lang: torch.Tensor, z_now: torch.Tensor) -> "Goal":
-        """The goal model's prediction for one observation: lang [1, L], z_now [1, D]."""
+    def from_model(cls, goal_model, lang: torch.Tensor, z_now: torch.Tensor, kind: str = "model") -> "Goal":
+        """The goal for one observation (lang [1, L], z_now [1, D]) from the goal model. kind model:
+        its prediction of the final latent (with log σ² where it has one); critic: the language
+        critic's score; to_go: minus its steps-to-go."""
+        if kind == "critic":
+            return cls(critic=lambda z: goal_model.score(z, lang))
+        if kind == "to_go":
+            return cls(critic=lambda z: -goal_model.steps_to_go(z, lang))
+        if kind != "model":
+            raise ValueError(f"unknown goal {kind!r}; choose model, critic or to_go")
         mean, log_var = goal_model.predict(lang, z_now)
         return cls(latent=mean[0], log_var=log_var[0])
 
