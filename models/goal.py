@@ -101,12 +101,15 @@ class GoalModel(nn.Module):
     def forward(self, lang: torch.Tensor, instruction_ids: torch.Tensor, z_now: torch.Tensor,
                 z_final: torch.Tensor, to_go: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """The training losses (use `goal` and `score` for inference) on a batch of successful episodes (latents from the frozen target encoder).
+        """The training losses (use `predict`, `score` and `steps_to_go` for inference) on a batch of
+        successful episodes (latents from the frozen target encoder).
 
         lang [B, L]; instruction_ids [B] (equal ids = the same instruction text, so that duplicates
         in a batch are positives, not negatives); z_now [B, D] a frame of the episode; z_final [B, D]
-        its last frame; to_go [B] the steps from z_now to that last frame. Returns goal (MSE, or with `variance` the Gaussian NLL per dimension), critic (InfoNCE over the batch's instructions plus a
-        ranking term: the final state must outscore the current one) and their sum, loss.
+        its last frame; to_go [B] the steps from z_now to that last frame. Returns goal (MSE, or
+        with `variance` the Gaussian NLL per dimension), critic (InfoNCE over the batch's
+        instructions plus a ranking term: the final state must outscore the current one), with
+        `to_go` its Huber loss, and their sum, loss.
         """
         mean, log_var = self.predict(lang, z_now)
         goal = (gaussian_nll(z_final, mean, log_var) / mean.shape[-1]).mean() if self.cfg.variance \
