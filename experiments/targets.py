@@ -244,7 +244,8 @@ def goal_metrics(model: GoalModel, episodes: SuccessfulEpisodes) -> dict[str, fl
     """From each episode's first frame: is G(ℓ, z_0) nearer its own final latent than those of
     episodes with other instructions (share of such pairs, and of episodes where it beats all of
     them)? z_0 itself as the goal is the baseline. Also the critic: does it pick the episode's own
-    instruction for the final latent, and score the final state above the first?"""
+    instruction for the final latent, and score the final state above the first? And the final
+    latent's NLL under the predicted Gaussian, and steps-to-go where the model has that head."""
     e = np.arange(len(episodes))
     b = episodes.batch(e, np.zeros_like(e))
     other = b["instruction_ids"][:, None] != b["instruction_ids"][None, :]
@@ -256,7 +257,8 @@ def goal_metrics(model: GoalModel, episodes: SuccessfulEpisodes) -> dict[str, fl
         return ((wins.sum(1) / other.sum(1).clamp(min=1)).mean().item(),
                 (wins.sum(1) == other.sum(1)).float().mean().item())
 
-    pairwise, top1 = retrieval(model.goal(b["lang"], b["z_now"]))
+    mean, log_var = model.predict(b["lang"], b["z_now"])
+    pairwise, top1 = retrieval(mean)
     pairwise_copy, _ = retrieval(b["z_now"])
     texts = torch.unique(b["instruction_ids"])
     first = {int(i): int(np.flatnonzero(b["instruction_ids"].numpy() == int(i))[0]) for i in texts}
@@ -264,7 +266,6 @@ def goal_metrics(model: GoalModel, episodes: SuccessfulEpisodes) -> dict[str, fl
     scores = torch.stack([model.score(b["z_final"], lang_of_text[j:j + 1]) for j in range(len(texts))], 1)
     critic_top1 = (texts[scores.argmax(1)] == b["instruction_ids"]).float().mean().item()
     order = (model.score(b["z_final"], b["lang"]) > model.score(b["z_now"], b["lang"])).float().mean().item()
-    mean, log_var = model.predict(b["lang"], b["z_now"])
     return {"goal_mse": torch.nn.functional.mse_loss(mean, b["z_final"]).item(),
             "goal_nll": (gaussian_nll(b["z_final"], mean, log_var) / mean.shape[-1]).mean().item(),
             "retrieval_pairwise": pairwise, "retrieval_top1": top1, "retrieval_pairwise_copy_z0": pairwise_copy,

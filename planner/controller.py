@@ -100,7 +100,7 @@ class ForesightController:
         if cfg.mode != "vla":
             if world_model is None:
                 raise ValueError(f"mode {cfg.mode} needs a world model; pass world_model=WorldModel.load(...)")
-            if cfg.goal in ("model", "critic", "to_go") and goal_model is None:
+            if cfg.goal != "image" and goal_model is None:
                 raise ValueError(f"goal={cfg.goal} needs a goal model; pass goal_model=GoalModel.load(...) "
                                  "or use goal=image")
             if cfg.goal == "to_go" and goal_model.to_go_net is None:
