@@ -99,7 +99,7 @@ def imagined_probe_errors(probe: PositionProbe, ds, windows, imagined: torch.Ten
 def evaluate(cfg: DictConfig) -> dict:
     from envs.dataset import WindowSampler
     from envs.scene import TABLE_HALF
-    from experiments.targets import (SuccessfulEpisodes, goal_metrics, instruction_table, open_dataset,
+    from experiments.targets import (EncodedEpisodes, goal_metrics, instruction_table, open_dataset,
                                      rollout_errors, window_tensors)
     from models import WorldModel
     from models.goal import GoalModel
@@ -130,7 +130,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
     # 3. Goal retrieval and the critic.
     if cfg.goal and Path(cfg.goal).exists():
-        results["goal"] = goal_metrics(GoalModel.load(cfg.goal), SuccessfulEpisodes(model, eval_ds))
+        goal = GoalModel.load(cfg.goal)
+        results["goal"] = goal_metrics(goal, EncodedEpisodes(model, eval_ds, only_successful=goal.value_net is None))
     return results
 
 

@@ -144,8 +144,10 @@ class GoalTarget:
         self.model_cfg = GoalModelConfig(**cfg.target.model, latent_dim=world_model.cfg.latent_dim)
         self.model = _build(cfg.seed, lambda: GoalModel(self.model_cfg))
         self.objective, self.modules = self.model, {"goal": self.model}
-        self.train = SuccessfulEpisodes(world_model, open_dataset(cfg.data))
-        self.eval = SuccessfulEpisodes(world_model, open_dataset(cfg.eval_data))
+        # The value learns from failures too; the goal and critic only ever see successful episodes.
+        only_successful = not self.model_cfg.value
+        self.train = EncodedEpisodes(world_model, open_dataset(cfg.data), only_successful)
+        self.eval = EncodedEpisodes(world_model, open_dataset(cfg.eval_data), only_successful)
 
     def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
         e = rng.integers(len(self.train), size=size)
@@ -215,16 +217,17 @@ class DecoderTarget:
                 "world_model": str(self.cfg.world_model), "seed": self.cfg.seed}
 
 
-class SuccessfulEpisodes:
-    """Target latents of every frame of a dataset's successful episodes, with their instructions."""
+class EncodedEpisodes:
+    """Target latents of every frame of a dataset's episodes (or only its successful ones), with
+    their instructions and outcomes."""
 
-    def __init__(self, world_model: WorldModel, ds: EpisodeDataset):
-        keep = np.flatnonzero(ds.success)
-        if len(keep) < 2:
-            raise ValueError(f"{ds.path} has {len(keep)} successful episodes; the goal model needs more")
+    def __init__(self, world_model: WorldModel, ds: EpisodeDataset, only_successful: bool = True):
+        if ds.success.sum() < 2:
+            raise ValueError(f"{ds.path} has {ds.success.sum()} successful episodes; the goal model needs more")
+        keep = np.flatnonzero(ds.success) if only_successful else np.arange(len(ds.lengths))
         lang, ids = instruction_table(ds)
         self.lang, self.ids = lang[keep], ids[keep]
-        self.lengths = ds.lengths[keep]
+        self.lengths, self.success = ds.lengths[keep], ds.success[keep].astype(bool)
         frames = np.concatenate([np.arange(ds.starts[i], ds.starts[i] + ds.lengths[i] + 1) for i in keep])
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths + 1)[:-1]])
         self.z = encode_frames(world_model, ds, frames)
@@ -233,20 +236,20 @@ class SuccessfulEpisodes:
         return len(self.lengths)
 
     def batch(self, e: np.ndarray, t: np.ndarray) -> dict[str, torch.Tensor]:
-        """Episodes `e` (indices among the successful ones) at frames `t`."""
+        """Episodes `e` (indices among the kept ones) at frames `t`."""
         return {"lang": self.lang[e], "instruction_ids": self.ids[e],
                 "z_now": self.z[self.offsets[e] + t], "z_final": self.z[self.offsets[e] + self.lengths[e]],
-                "to_go": torch.from_numpy(self.lengths[e] - t)}
+                "to_go": torch.from_numpy(self.lengths[e] - t), "success": torch.from_numpy(self.success[e])}
 
 
 @torch.no_grad()
-def goal_metrics(model: GoalModel, episodes: SuccessfulEpisodes) -> dict[str, float]:
+def goal_metrics(model: GoalModel, episodes: EncodedEpisodes) -> dict[str, float]:
     """From each episode's first frame: is G(ℓ, z_0) nearer its own final latent than those of
     episodes with other instructions (share of such pairs, and of episodes where it beats all of
     them)? z_0 itself as the goal is the baseline. Also the critic: does it pick the episode's own
     instruction for the final latent, and score the final state above the first? And the final
-    latent's NLL under the predicted Gaussian, and steps-to-go where the model has that head."""
-    e = np.arange(len(episodes))
+    latent's NLL under the predicted Gaussian, and the value where the model has that head."""
+    e = np.flatnonzero(episodes.success)
     b = episodes.batch(e, np.zeros_like(e))
     other = b["instruction_ids"][:, None] != b["instruction_ids"][None, :]
 
@@ -270,20 +273,30 @@ def goal_metrics(model: GoalModel, episodes: SuccessfulEpisodes) -> dict[str, fl
             "goal_nll": (gaussian_nll(b["z_final"], mean, log_var) / mean.shape[-1]).mean().item(),
             "retrieval_pairwise": pairwise, "retrieval_top1": top1, "retrieval_pairwise_copy_z0": pairwise_copy,
             "critic_instruction_top1": critic_top1, "critic_final_above_first": order, "episodes": float(len(e)),
-            **(to_go_metrics(model, episodes) if model.to_go_net is not None else {})}
+            **(value_metrics(model, episodes) if model.value_net is not None else {})}
 
 
 @torch.no_grad()
-def to_go_metrics(model: GoalModel, episodes: SuccessfulEpisodes) -> dict[str, float]:
-    """Steps-to-go on every frame of the episodes: mean absolute error (steps) and Spearman's ρ."""
+def value_metrics(model: GoalModel, episodes: EncodedEpisodes) -> dict[str, float]:
+    """The value head: steps-to-go on every frame of the successful episodes (mean absolute error in
+    steps, Spearman's ρ), and how well the value tells successful episodes from failed ones (AUROC)
+    at their first and at their last frame."""
     from scipy.stats import spearmanr
+    from experiments.score import ranking_metrics
 
-    e = np.repeat(np.arange(len(episodes)), episodes.lengths + 1)
-    t = np.concatenate([np.arange(n + 1) for n in episodes.lengths])
+    ok = np.flatnonzero(episodes.success)
+    e = np.repeat(ok, episodes.lengths[ok] + 1)
+    t = np.concatenate([np.arange(n + 1) for n in episodes.lengths[ok]])
     b = episodes.batch(e, t)
     pred = torch.cat([model.steps_to_go(z, lang) for z, lang in zip(b["z_now"].split(4096), b["lang"].split(4096))])
-    return {"to_go_mae_steps": (pred - b["to_go"]).abs().mean().item(),
-            "to_go_spearman": float(spearmanr(pred.numpy(), b["to_go"].numpy()).statistic)}
+    out = {"to_go_mae_steps": (pred - b["to_go"]).abs().mean().item(),
+           "to_go_spearman": float(spearmanr(pred.numpy(), b["to_go"].numpy()).statistic)}
+    every = np.arange(len(episodes))
+    for name, frames in (("first", np.zeros_like(every)), ("last", episodes.lengths)):
+        b = episodes.batch(every, frames)
+        auroc = ranking_metrics(model.value(b["z_now"], b["lang"]).numpy(), episodes.success, None, resamples=0)["auroc"]
+        out[f"value_auroc_{name}"] = auroc
+    return out
 
 
 def random_shift(pixels: np.ndarray, pad: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

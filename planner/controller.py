@@ -36,7 +36,7 @@ from .optimizers import NevergradOptimizer, PlanResult, Proposal, SamplerConfig,
 log = logging.getLogger(__name__)
 
 MODES = ("vla", "vla_rank", "cem", "mppi", "vla_cem", "vla_mppi", "ng")
-GOALS = ("model", "critic", "image", "to_go")
+GOALS = ("model", "critic", "image", "value")
 
 
 @dataclass
@@ -54,7 +54,7 @@ class PlannerConfig:
     min_std: float = 0.05
     budget_ms: float | None = None  # anytime deadline per replan
     goal: str = "model"  # model: G(ℓ, z_now); critic: the language critic; image: reset(goal_obs=...);
-    #                      to_go: the goal model's steps-to-go of the imagined end state
+    #                      value: the goal model's steps-to-go (from its value) of the imagined end state
     cost: CostConfig = field(default_factory=CostConfig)
     ng_optimizer: str = "CMA"
     ng_evaluations: int = 768
@@ -103,9 +103,9 @@ class ForesightController:
             if cfg.goal != "image" and goal_model is None:
                 raise ValueError(f"goal={cfg.goal} needs a goal model; pass goal_model=GoalModel.load(...) "
                                  "or use goal=image")
-            if cfg.goal == "to_go" and goal_model.to_go_net is None:
-                raise ValueError("goal=to_go needs a goal model trained with a steps-to-go head "
-                                 "(foresight-train target=goal +target.model.to_go=true)")
+            if cfg.goal == "value" and goal_model.value_net is None:
+                raise ValueError("goal=value needs a goal model trained with a value head "
+                                 "(foresight-train target=goal +target.model.value=true)")
         if text_encoder is None:
             from models import get_instruction_encoder
             text_encoder = get_instruction_encoder()

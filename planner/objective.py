@@ -61,13 +61,13 @@ class Goal:
     def from_model(cls, goal_model, lang: torch.Tensor, z_now: torch.Tensor, kind: str = "model") -> "Goal":
         """The goal for one observation (lang [1, L], z_now [1, D]) from the goal model. kind model:
         its prediction of the final latent (with log σ² where it has one); critic: the language
-        critic's score; to_go: minus its steps-to-go."""
+        critic's score; value: minus the steps-to-go its value implies."""
         if kind == "critic":
             return cls(critic=lambda z: goal_model.score(z, lang))
-        if kind == "to_go":
+        if kind == "value":
             return cls(critic=lambda z: -goal_model.steps_to_go(z, lang))
         if kind != "model":
-            raise ValueError(f"unknown goal {kind!r}; choose model, critic or to_go")
+            raise ValueError(f"unknown goal {kind!r}; choose model, critic or value")
         mean, log_var = goal_model.predict(lang, z_now)
         return cls(latent=mean[0], log_var=log_var[0])
 

@@ -124,32 +124,37 @@ def test_nll_distance_weighs_dimensions_by_the_goals_precision():
     torch.testing.assert_close(unit, torch.tensor([0.125, 4.5]))  # no variance: half the squared L2
 
 
-def test_the_steps_to_go_head_learns_how_far_a_state_is_from_done_and_the_planner_minimises_it():
-    """Steps-to-go set by the first latent dimension (20 steps per unit): the head learns it, and
-    a goal=to_go objective prefers the candidate that imagines the state nearest done."""
+def test_the_value_head_learns_how_far_a_state_is_from_done_and_which_states_fail():
+    """Steps to success set by the first latent dimension (20 steps per unit), episodes whose second
+    dimension is above 0.7 fail: the value head learns γ^steps, steps_to_go inverts it, the failing
+    states cost more than any succeeding one, and a goal=value objective prefers the candidate that
+    imagines the state nearest done."""
     torch.manual_seed(0)
-    model = GoalModel(GoalModelConfig(latent_dim=2, width=32, critic_dim=4, to_go=True))
+    model = GoalModel(GoalModelConfig(latent_dim=2, width=32, critic_dim=4, value=True, discount=0.9))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     lang = torch.randn(1, 384).expand(128, -1)
-    for _ in range(400):
+    for _ in range(1500):
         z_now = torch.rand(128, 2)
         to_go = (20 * z_now[:, 0]).round().long()
-        loss = model(lang, torch.zeros(128), z_now, torch.zeros(128, 2), to_go)["to_go"]
+        success = z_now[:, 1] < 0.7
+        loss = model(lang, torch.zeros(128), z_now, torch.zeros(128, 2), to_go, success)["value"]
         opt.zero_grad(), loss.backward(), opt.step()
-    z = torch.tensor([[0.1, 0.5], [0.5, 0.5], [0.9, 0.5]])
+    z = torch.tensor([[0.1, 0.3], [0.5, 0.3], [0.9, 0.3], [0.1, 0.95]])
     with torch.no_grad():
-        torch.testing.assert_close(model.steps_to_go(z, lang[:1]), torch.tensor([2.0, 10.0, 18.0]), atol=1.5, rtol=0)
-        goal = Goal(critic=lambda x: -model.steps_to_go(x, lang[:1]))
+        steps = model.steps_to_go(z, lang[:1])
+        torch.testing.assert_close(steps[:3], torch.tensor([2.0, 10.0, 18.0]), atol=2.5, rtol=0)
+        assert steps[3] > 30  # V ≈ 0: γ^30 ≈ 0.04
+        goal = Goal.from_model(model, lang[:1], z[:1], "value")
         cands = torch.zeros(3, 1, 1, 2)
         cands[:, 0, 0, 0] = torch.tensor([0.8, -0.3, 0.2])  # from (0.5, 0.5): ends at x = 1.3, 0.2, 0.7
         costs = Objective(Drift(), torch.full((1, 1, 2), 0.5), lang[:1], goal)(cands)
     assert costs.argmin() == 1 and costs.argmax() == 0
 
 
-def test_goal_to_go_needs_a_goal_model_with_the_head(models):
+def test_goal_value_needs_a_goal_model_with_the_head(models):
     wm, goal, vla = models
-    with pytest.raises(ValueError, match="steps-to-go"):
-        ForesightController(PlannerConfig(mode="vla_cem", goal="to_go"), wm, goal, vla, text_encoder=HashText())
+    with pytest.raises(ValueError, match="value head"):
+        ForesightController(PlannerConfig(mode="vla_cem", goal="value"), wm, goal, vla, text_encoder=HashText())
 
 
 def test_the_goal_models_variance_learns_which_dimensions_the_instruction_pins_down():

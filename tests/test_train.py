@@ -59,14 +59,18 @@ def test_world_model_trains_evaluates_and_loads(tmp_path, tiny_dataset):
     assert model.rollout(z, torch.zeros(1, 3, 8, 2), torch.zeros(1, 384)).shape == (1, 3, 16)
 
 
-def test_goal_model_trains_on_the_frozen_world_model(tmp_path, tiny_dataset):
+def test_goal_model_with_a_value_head_trains_on_the_frozen_world_model(tmp_path, tiny_dataset):
+    """The goal and critic learn from the successful episodes, the value head from all of them (the
+    random-play ones fail), and foresight-evaluate reports both."""
     train(config(tmp_path / "wm", tiny_dataset, "target.steps=5"), tmp_path / "wm_run")
     cfg = config(tmp_path, tiny_dataset, "target=goal", f"world_model={tmp_path}/wm/out", "target.steps=30",
-                 "target.model.width=32", tiny=COMMON)
+                 "target.model.width=32", "+target.model.value=true", tiny=COMMON)
     final = train(cfg, tmp_path / "run")
-    assert 0 <= final["retrieval_pairwise"] <= 1 and final["episodes"] >= 2
+    assert 0 <= final["retrieval_pairwise"] <= 1 and 2 <= final["episodes"] < 10  # successful ones only
+    assert 0 <= final["value_auroc_last"] <= 1 and final["to_go_mae_steps"] >= 0
     goal = GoalModel.load(tmp_path / "out")
     assert goal.goal(torch.zeros(2, 384), torch.zeros(2, 16)).shape == (2, 16)
+    assert 0 < goal.value(torch.zeros(2, 16), torch.zeros(1, 384)).min() < 1
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         ecfg = compose("evaluate", overrides=[f"world_model={tmp_path}/wm/out", f"goal={tmp_path}/out",
@@ -76,6 +80,7 @@ def test_goal_model_trains_on_the_frozen_world_model(tmp_path, tiny_dataset):
     assert [r["horizon"] for r in results["rollout"]] == [1, 2]
     assert [r["horizon"] for r in results["probe"]["imagined"]] == [1, 2]
     assert 0 < results["probe"]["mean_error_m"] < 0.5 and 0 <= results["goal"]["retrieval_top1"] <= 1
+    assert 0 <= results["goal"]["value_auroc_first"] <= 1
     assert "goal retrieval" in report(results)
 
 
