@@ -7,6 +7,8 @@
 2. A linear probe (ridge regression, fitted on training episodes) from a latent to the planar
    position of the object of each colour; its error on held-out frames, and on imagined latents
    per horizon (the same probe applied to the rollout, against where the objects really were).
+   The same probe for the target pads, beside the error of guessing each pad's mean position: a
+   goal on the latent can only put an object on a pad the latent locates.
 3. Goal retrieval: is G(ℓ, z_0) nearer its own episode's final latent than those of episodes with
    other instructions; and the language critic's accuracy.
 
@@ -26,10 +28,10 @@ from experiments.common import CONFIG_DIR, clean_errors, format_table, write_jso
 
 
 class PositionProbe:
-    """Ridge regression from a latent to the xy of the object of each colour (where present)."""
+    """Ridge regression from a latent to the xy of the object (or pad) of each colour (where present)."""
 
     def __init__(self, alpha: float = 1e-2):
-        self.alpha, self.weights = alpha, {}
+        self.alpha, self.weights, self.means = alpha, {}, {}
 
     def fit(self, z: np.ndarray, xy: np.ndarray) -> "PositionProbe":
         """z [N, D]; xy [N, C, 2] with NaN where colour c is absent."""
@@ -39,6 +41,7 @@ class PositionProbe:
             if rows.sum() > x.shape[1]:
                 a = x[rows].T @ x[rows] + self.alpha * len(x[rows]) * np.eye(x.shape[1])
                 self.weights[c] = np.linalg.solve(a, x[rows].T @ xy[rows, c])
+                self.means[c] = xy[rows, c].mean(0)
         return self
 
     def errors(self, z: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -48,21 +51,27 @@ class PositionProbe:
                for c, w in self.weights.items() for rows in [~np.isnan(xy[:, c, 0])]]
         return np.concatenate(out) if out else np.zeros(0)
 
+    def mean_errors(self, xy: np.ndarray) -> np.ndarray:
+        """The baseline: errors of guessing each colour's mean training position, as `errors` counts them."""
+        out = [np.linalg.norm(xy[rows, c] - m, axis=1) for c, m in self.means.items() for rows in [~np.isnan(xy[:, c, 0])]]
+        return np.concatenate(out) if out else np.zeros(0)
+
 
 def _with_bias(z: np.ndarray) -> np.ndarray:
     return np.concatenate([z, np.ones((len(z), 1))], axis=1).astype(np.float64)
 
 
-def colour_positions(ds, frames: np.ndarray, episodes: np.ndarray) -> np.ndarray:
-    """xy of each colour's object [N, C, 2] (NaN when absent) at dataset frame indices `frames`."""
+def colour_positions(ds, frames: np.ndarray, episodes: np.ndarray, what: str = "objects") -> np.ndarray:
+    """xy of each colour's object (what="objects") or target pad ("pads") [N, C, 2] (NaN when
+    absent) at dataset frame indices `frames`."""
     from envs.scene import COLOURS
 
     colours = list(COLOURS)
-    pos = ds.frames["privileged/object_pos"][frames]  # the dataset is loaded: numpy indexing
+    pos = ds.frames[f"privileged/{'object' if what == 'objects' else 'pad'}_pos"][frames]  # loaded: numpy indexing
     out = np.full((len(frames), len(colours), 2), np.nan)
     for e in np.unique(episodes):
         rows = episodes == e
-        for slot, name in enumerate(ds.task(int(e))["objects"]):
+        for slot, name in enumerate(ds.task(int(e))[what]):
             out[rows, colours.index(name.split()[0])] = pos[rows, slot, :2]
     return out
 
@@ -75,17 +84,17 @@ def frames_of(ds, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndar
 
 
 def fit_probe(model, train_ds, eval_ds, rng: np.random.Generator, frames: int,
-              alpha: float) -> tuple[PositionProbe, np.ndarray]:
-    """The probe fitted on the latents of `frames` random training frames, and its errors (metres)
-    on as many random held-out frames."""
+              alpha: float, what: str = "objects") -> tuple[PositionProbe, np.ndarray, np.ndarray]:
+    """The probe fitted on the latents of `frames` random training frames, its errors (metres) on as
+    many random held-out frames, and there the errors of guessing the mean position."""
     from experiments.targets import encode_frames
 
     train_frames, train_eps = frames_of(train_ds, rng, frames)
     probe = PositionProbe(alpha).fit(encode_frames(model, train_ds, train_frames).numpy(),
-                                     colour_positions(train_ds, train_frames, train_eps))
+                                     colour_positions(train_ds, train_frames, train_eps, what))
     eval_frames, eval_eps = frames_of(eval_ds, rng, frames)
-    return probe, probe.errors(encode_frames(model, eval_ds, eval_frames).numpy(),
-                               colour_positions(eval_ds, eval_frames, eval_eps))
+    truth = colour_positions(eval_ds, eval_frames, eval_eps, what)
+    return probe, probe.errors(encode_frames(model, eval_ds, eval_frames).numpy(), truth), probe.mean_errors(truth)
 
 
 def imagined_probe_errors(probe: PositionProbe, ds, windows, imagined: torch.Tensor, chunk: int) -> list[np.ndarray]:
@@ -120,13 +129,16 @@ def evaluate(cfg: DictConfig) -> dict:
                           for i, (m, c) in enumerate(zip(model_err, copy_err))]
 
     # 2. Linear probe on real latents, then on imagined ones.
-    probe, err = fit_probe(model, train_ds, eval_ds, rng, cfg.probe_frames, cfg.probe_alpha)
+    probe, err, guess = fit_probe(model, train_ds, eval_ds, rng, cfg.probe_frames, cfg.probe_alpha)
     width = 2 * TABLE_HALF
     results["probe"] = {"mean_error_m": float(err.mean()), "mean_error_of_table_width": float(err.mean() / width),
-                        "table_width_m": width}
+                        "table_width_m": width, "mean_position_error_m": float(guess.mean())}
     per_horizon = [{"horizon": j + 1, "mean_error_m": float(e.mean()), "mean_error_of_table_width": float(e.mean() / width)}
                    for j, e in enumerate(imagined_probe_errors(probe, eval_ds, windows, imagined, k))]
     results["probe"]["imagined"] = per_horizon
+    _, err, guess = fit_probe(model, train_ds, eval_ds, rng, cfg.probe_frames, cfg.probe_alpha, what="pads")
+    if len(err):  # only datasets with pad tasks
+        results["probe"]["pads"] = {"mean_error_m": float(err.mean()), "mean_position_error_m": float(guess.mean())}
 
     # 3. Goal retrieval and the critic.
     if cfg.goal and Path(cfg.goal).exists():
@@ -142,7 +154,12 @@ def report(results: dict) -> str:
     lines = ["open-loop latent error on held-out episodes (and the probe on the imagined latents):",
              format_table(["horizon (chunks)", "model MSE", "copy-last MSE", "ratio", "probe error / table width"], rows),
              f"linear probe on encoded frames: {100 * results['probe']['mean_error_m']:.2f} cm = "
-             f"{100 * results['probe']['mean_error_of_table_width']:.1f}% of the table width"]
+             f"{100 * results['probe']['mean_error_of_table_width']:.1f}% of the table width (guessing each "
+             f"colour's mean position: {100 * results['probe']['mean_position_error_m']:.2f} cm)"]
+    if "pads" in results["probe"]:
+        pads = results["probe"]["pads"]
+        lines.append(f"the same probe for the target pads: {100 * pads['mean_error_m']:.2f} cm (guessing the mean: "
+                     f"{100 * pads['mean_position_error_m']:.2f} cm)")
     if "goal" in results:
         g = results["goal"]
         lines.append(f"goal retrieval: pairwise {100 * g['retrieval_pairwise']:.1f}% (z_0 as the goal: "

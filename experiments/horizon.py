@@ -64,7 +64,7 @@ def open_loop(cfg: DictConfig, models: dict) -> dict:
     width = 2 * TABLE_HALF
     out, probes = {"table_width_m": width, "windows": [], "variants": {}}, {}
     for name, model in models.items():  # the same probe frames for every variant
-        probes[name], err = fit_probe(model, train_ds, eval_ds, np.random.default_rng(cfg.sample_seed),
+        probes[name], err, _ = fit_probe(model, train_ds, eval_ds, np.random.default_rng(cfg.sample_seed),
                                       cfg.probe_frames, cfg.probe_alpha)
         out["variants"][name] = {"world_model": str(cfg.variants[name]), "rollout": [], "probe": {
             "real_error_m": float(err.mean()), "real_error_of_table_width": float(err.mean() / width), "imagined": []}}

@@ -80,7 +80,7 @@ def test_goal_model_with_a_value_head_trains_on_the_frozen_world_model(tmp_path,
     assert [r["horizon"] for r in results["rollout"]] == [1, 2]
     assert [r["horizon"] for r in results["probe"]["imagined"]] == [1, 2]
     assert 0 < results["probe"]["mean_error_m"] < 0.5 and 0 <= results["goal"]["retrieval_top1"] <= 1
-    assert 0 <= results["goal"]["value_auroc_first"] <= 1
+    assert 0 <= results["goal"]["value_auroc_first"] <= 1 and results["probe"]["pads"]["mean_position_error_m"] > 0
     assert "goal retrieval" in report(results)
 
 
