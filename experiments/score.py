@@ -35,7 +35,10 @@ from tqdm import tqdm
 from experiments.common import CONFIG_DIR, atomic_write, clean_errors, format_table, write_json
 from planner import CostConfig, Goal, Objective
 
-SCORERS = {"cost": "world model, goal G(ℓ, z_0)", "cost_goal_z0": "world model, goal z_0 (copy)",
+# "cost" is the planner's objective under the goal the config names (GOAL_NAMES); the others are baselines.
+GOAL_NAMES = {"model": "world model, goal G(ℓ, z_0)", "critic": "world model, language critic",
+              "value": "world model, value head's steps-to-go"}
+SCORERS = {"cost": GOAL_NAMES["model"], "cost_goal_z0": "world model, goal z_0 (copy)",
            "path_length": "actions alone: Σ‖a‖"}
 
 
@@ -215,7 +218,8 @@ def report(results: dict) -> str:
     if np.isnan(m["cost"]["auroc"]):
         r = m["cost"]
         return f"labels of one class only ({r['successes']}/{r['n']} successes): costs written, no AUROC"
-    rows = [[SCORERS[k], f"{r['auroc']:.3f}", f"[{r['auroc_ci95'][0]:.3f}, {r['auroc_ci95'][1]:.3f}]",
+    names = {**SCORERS, "cost": GOAL_NAMES.get(results["config"].get("goal"), SCORERS["cost"])}
+    rows = [[names[k], f"{r['auroc']:.3f}", f"[{r['auroc_ci95'][0]:.3f}, {r['auroc_ci95'][1]:.3f}]",
              f"{r['spearman']:.3f}"] for k, r in m.items()]
     r = m["cost"]
     head = f"{r['n']} scored ({r['successes']} successes, {r['failures']} failures)"
