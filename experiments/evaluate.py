@@ -83,18 +83,23 @@ def frames_of(ds, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndar
     return ds.starts[episodes] + t, episodes
 
 
-def fit_probe(model, train_ds, eval_ds, rng: np.random.Generator, frames: int,
-              alpha: float, what: str = "objects") -> tuple[PositionProbe, np.ndarray, np.ndarray]:
-    """The probe fitted on the latents of `frames` random training frames, its errors (metres) on as
-    many random held-out frames, and there the errors of guessing the mean position."""
+def fit_probes(model, train_ds, eval_ds, rng: np.random.Generator, frames: int, alpha: float,
+               kinds: tuple[str, ...] = ("objects",)) -> dict[str, tuple[PositionProbe, np.ndarray, np.ndarray]]:
+    """Per kind ("objects", "pads"): the probe fitted on the latents of `frames` random training
+    frames, its errors (metres) on as many random held-out frames, and there the errors of guessing
+    the mean position. The frames are drawn and encoded once for every kind."""
     from experiments.targets import encode_frames
 
     train_frames, train_eps = frames_of(train_ds, rng, frames)
-    probe = PositionProbe(alpha).fit(encode_frames(model, train_ds, train_frames).numpy(),
-                                     colour_positions(train_ds, train_frames, train_eps, what))
+    z_train = encode_frames(model, train_ds, train_frames).numpy()
     eval_frames, eval_eps = frames_of(eval_ds, rng, frames)
-    truth = colour_positions(eval_ds, eval_frames, eval_eps, what)
-    return probe, probe.errors(encode_frames(model, eval_ds, eval_frames).numpy(), truth), probe.mean_errors(truth)
+    z_eval = encode_frames(model, eval_ds, eval_frames).numpy()
+    out = {}
+    for kind in kinds:
+        probe = PositionProbe(alpha).fit(z_train, colour_positions(train_ds, train_frames, train_eps, kind))
+        truth = colour_positions(eval_ds, eval_frames, eval_eps, kind)
+        out[kind] = probe, probe.errors(z_eval, truth), probe.mean_errors(truth)
+    return out
 
 
 def imagined_probe_errors(probe: PositionProbe, ds, windows, imagined: torch.Tensor, chunk: int) -> list[np.ndarray]:
@@ -129,14 +134,15 @@ def evaluate(cfg: DictConfig) -> dict:
                           for i, (m, c) in enumerate(zip(model_err, copy_err))]
 
     # 2. Linear probe on real latents, then on imagined ones.
-    probe, err, guess = fit_probe(model, train_ds, eval_ds, rng, cfg.probe_frames, cfg.probe_alpha)
+    probes = fit_probes(model, train_ds, eval_ds, rng, cfg.probe_frames, cfg.probe_alpha, kinds=("objects", "pads"))
+    probe, err, guess = probes["objects"]
     width = 2 * TABLE_HALF
     results["probe"] = {"mean_error_m": float(err.mean()), "mean_error_of_table_width": float(err.mean() / width),
                         "table_width_m": width, "mean_position_error_m": float(guess.mean())}
     per_horizon = [{"horizon": j + 1, "mean_error_m": float(e.mean()), "mean_error_of_table_width": float(e.mean() / width)}
                    for j, e in enumerate(imagined_probe_errors(probe, eval_ds, windows, imagined, k))]
     results["probe"]["imagined"] = per_horizon
-    _, err, guess = fit_probe(model, train_ds, eval_ds, rng, cfg.probe_frames, cfg.probe_alpha, what="pads")
+    _, err, guess = probes["pads"]
     if len(err):  # only datasets with pad tasks
         results["probe"]["pads"] = {"mean_error_m": float(err.mean()), "mean_position_error_m": float(guess.mean())}
 

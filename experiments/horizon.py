@@ -53,7 +53,7 @@ def open_loop(cfg: DictConfig, models: dict) -> dict:
     """Rollout error against copy-last and the probe on imagined latents per horizon, per variant."""
     from envs.dataset import WindowSampler
     from envs.scene import TABLE_HALF
-    from experiments.evaluate import fit_probe, imagined_probe_errors
+    from experiments.evaluate import fit_probes, imagined_probe_errors
     from experiments.targets import instruction_table, open_dataset, rollout_errors, window_tensors
 
     (k, hist), *others = {(m.cfg.chunk, m.cfg.history) for m in models.values()}
@@ -64,8 +64,8 @@ def open_loop(cfg: DictConfig, models: dict) -> dict:
     width = 2 * TABLE_HALF
     out, probes = {"table_width_m": width, "windows": [], "variants": {}}, {}
     for name, model in models.items():  # the same probe frames for every variant
-        probes[name], err, _ = fit_probe(model, train_ds, eval_ds, np.random.default_rng(cfg.sample_seed),
-                                      cfg.probe_frames, cfg.probe_alpha)
+        probes[name], err, _ = fit_probes(model, train_ds, eval_ds, np.random.default_rng(cfg.sample_seed),
+                                          cfg.probe_frames, cfg.probe_alpha)["objects"]
         out["variants"][name] = {"world_model": str(cfg.variants[name]), "rollout": [], "probe": {
             "real_error_m": float(err.mean()), "real_error_of_table_width": float(err.mean() / width), "imagined": []}}
     for h in tqdm(range(1, cfg.max_horizon + 1), desc="open loop", unit="horizon"):
