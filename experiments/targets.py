@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from envs import TABLETOP_ID
 from envs.dataset import EpisodeDataset, WindowSampler
 from envs.experts import N_NAMED_POINTS, expert_labels, named_points, replay_infos
-from envs.scene import image_coords
+from envs.scene import COLOURS, image_coords
+from experiments.evaluate import colour_positions
 from models import WorldModel, WorldModelConfig, get_instruction_encoder
 from models.decoder import PixelDecoder, PixelDecoderConfig, world_model_digest
 from models.goal import GoalModel, GoalModelConfig, gaussian_nll
@@ -64,7 +65,7 @@ class WorldModelTarget:
         _, views, height, width, _ = self.train_ds.frames["pixels"].shape
         if height != width:
             raise ValueError(f"the world model wants square frames; {cfg.data} has {height}x{width}")
-        self.loss_cfg = WorldModelLossConfig(**t.loss)
+        self.loss_cfg = WorldModelLossConfig(**t.loss, pad_colours=len(COLOURS))
         self.model_cfg = WorldModelConfig(
             **t.model, image_size=height, cameras=views, state_dim=self.train_ds.frames["state"].shape[1],
             action_dim=self.train_ds.frames["action"].shape[1], ema_target=self.loss_cfg.regularizer == "ema",
@@ -72,17 +73,22 @@ class WorldModelTarget:
         self.objective = _build(cfg.seed, lambda: WorldModelObjective(WorldModel(self.model_cfg), self.loss_cfg))
         self.model = self.objective.model
         self.modules = {"world_model": self.model}
-        if self.objective.inverse_head is not None:  # trained, resumed, never shipped
-            self.training_heads = {"inverse_head": self.objective.inverse_head}
+        self.training_heads = self.objective.training_heads()
         k, h = self.model_cfg.chunk, self.model_cfg.history
         self.sampler = WindowSampler(self.train_ds, history=h, horizon=t.horizon, chunk=k, stride=k)
         self.lang, _ = instruction_table(self.train_ds)
+        # The pad term's privileged targets: each episode's pads, by colour (they never move).
+        self.pads = episode_pads(self.train_ds) if self.loss_cfg.pads > 0 else None
         eval_sampler = WindowSampler(self.eval_ds, history=h, horizon=t.horizon, chunk=k, stride=k)
         self.eval_windows = eval_sampler.sample(np.random.default_rng(0), t.eval_windows)
         self.eval_lang, _ = instruction_table(self.eval_ds)
 
     def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
-        return window_tensors(self.sampler.sample(rng, size), self.lang)
+        windows = self.sampler.sample(rng, size)
+        out = window_tensors(windows, self.lang)
+        if self.pads is not None:
+            out["pads"] = self.pads[torch.from_numpy(windows.episode)]
+        return out
 
     def after_step(self) -> None:
         self.objective.after_step()
@@ -101,6 +107,11 @@ class WorldModelTarget:
         return {"kind": "world_model", "model": self.model_cfg.to_dict(), "loss": self.loss_cfg.to_dict(),
                 "train": OmegaConf.to_container(self.cfg.target), "data": str(self.cfg.data),
                 "seed": self.cfg.seed}
+
+
+def episode_pads(ds: EpisodeDataset) -> torch.Tensor:
+    """xy of each pad colour in each episode [E, len(COLOURS), 2], NaN where the episode has none."""
+    return torch.tensor(colour_positions(ds, ds.starts.astype(np.int64), np.arange(len(ds)), "pads"), dtype=torch.float32)
 
 
 def window_tensors(w, lang_table: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -5,6 +5,8 @@
       + λ · R(Z)
       + inverse  · mean_k ‖I(z_{t+(k-1)K}, z_{t+kK}) − a_k‖²   inverse dynamics (a training-only head I)
       + contrast · mean_k CE(softmax_j(−‖ĝ_k − z_j‖² / τ), j = t+kK)   over the window's frames j
+      + reconstruct · ‖D(z_{t-(h-1)K}) − o_{t-(h-1)K}‖²   pixels of each window's first frame (a training-only decoder D)
+      + pads · ‖P z_{t-(h-1)K} − pads‖²   the target pads' positions, read linearly (privileged, training only)
 
 Why the last two: the tabletop's scenes differ far more from one another (colours, objects, pads)
 than a scene changes within an episode, so prediction plus SIGReg alone is satisfied by a latent of
@@ -13,6 +15,14 @@ copying the last latent predicts as well as the model. Inverse dynamics makes th
 the actions move; the temporal contrast makes each imagined latent tell its own future frame from
 the window's others, so what changes must be encoded, and predicted. Both use only the episode's
 own frames and actions: no privileged state.
+
+The reconstruction term answers the opposite gap. What never changes within an episode (where the
+target pads lie) gives prediction and contrast no reason to be kept, and a probe found it barely
+in the latent, so no goal computed from the latent could tell where an object should end.
+Two remedies, both off by default. Rebuilding one frame per window from its latent asks for the
+whole static scene, label-free, at a small decoder's cost. The pad term asks for just the pads, from
+privileged truth at training time (as the VLA's "where" auxiliary does): the latent must hold each
+pad colour's position linearly. Nothing reads the truth after training.
 
 R is SIGReg on the online latents (no target network: f̄ = f with a stop-gradient), or, with an
 EMA target encoder f̄, VICReg's variance/covariance terms; `none` exists to show collapse.
@@ -28,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .decoder import PixelDecoder, PixelDecoderConfig
 from .regularizers import effective_rank, latent_std, sigreg, variance_covariance
 from .world_model import WorldModel
 
@@ -48,6 +59,14 @@ class WorldModelLossConfig:
     # than the other frames of its window (InfoNCE on the per-dimension squared distance / temperature).
     contrast: float = 0.0
     contrast_temperature: float = 0.05
+    # Weight of pixel reconstruction of each window's first frame (first camera) from its latent, by
+    # a training-only decoder of `reconstruct_width` channels (models/decoder.py); 0: off.
+    reconstruct: float = 0.0
+    reconstruct_width: int = 64
+    # Weight of the pad term: a training-only linear head reads the xy of every pad colour present
+    # from each window's first latent (MSE in metres; absent colours are left out); 0: off.
+    pads: float = 0.0
+    pad_colours: int = 0  # how many colours a pad can have (the target sets it from the data)
 
     def __post_init__(self):
         if self.regularizer not in REGULARIZERS:
@@ -68,14 +87,26 @@ class WorldModelObjective(nn.Module):
         c = model.cfg
         self.inverse_head = (nn.Sequential(nn.Linear(2 * c.latent_dim, 256), nn.SiLU(), nn.Linear(256, c.chunk * c.action_dim))
                              if cfg.inverse > 0 else None)
+        self.reconstruct_head = (PixelDecoder(PixelDecoderConfig(c.latent_dim, c.image_size, cfg.reconstruct_width))
+                                 if cfg.reconstruct > 0 else None)
+        if cfg.pads > 0 and cfg.pad_colours < 1:
+            raise ValueError("the pad term needs pad_colours ≥ 1 (the number of pad colours in the data)")
+        self.pad_head = nn.Linear(c.latent_dim, 2 * cfg.pad_colours) if cfg.pads > 0 else None
+
+    def training_heads(self) -> dict[str, nn.Module]:
+        """The heads only the losses use: trained and resumed with the model, never shipped."""
+        return {name: head for name, head in (("inverse_head", self.inverse_head),
+                                              ("reconstruct_head", self.reconstruct_head),
+                                              ("pad_head", self.pad_head)) if head is not None}
 
     def after_step(self) -> None:
         self.model.update_target(self.cfg.ema_decay)
 
-    def forward(self, pixels, state, actions, future_pixels, future_state, lang,
+    def forward(self, pixels, state, actions, future_pixels, future_state, lang, pads=None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """pixels uint8 [B, h, V, H, W, 3], state [B, h, P] (frames t-(h-1)K .. t); actions [B, H, K, A];
-        future_pixels [B, H, ...], future_state [B, H, P] (frames after each chunk); lang [B, L].
+        future_pixels [B, H, ...], future_state [B, H, P] (frames after each chunk); lang [B, L];
+        pads [B, pad_colours, 2] (xy of each pad colour, NaN where absent; for the pad term only).
         Returns every loss term, `loss` (their weighted sum) and latent diagnostics (detached)."""
         cfg, h = self.cfg, pixels.shape[1]
         frames = torch.cat([pixels, future_pixels], 1)
@@ -98,6 +129,16 @@ class WorldModelObjective(nn.Module):
             d = ((pred[:, :, None] - z[:, None]) ** 2).mean(-1)  # [B, H, h + H]: imagined vs every frame
             labels = torch.arange(h, h + pred.shape[1], device=d.device).expand(len(d), -1)
             out["contrast"] = F.cross_entropy((-d / cfg.contrast_temperature).flatten(0, 1), labels.flatten())
+        if self.reconstruct_head is not None:
+            first = pixels[:, 0, 0].float() / 255  # [B, H, W, 3]: the first camera, oldest history frame
+            out["reconstruct"] = F.mse_loss(self.reconstruct_head.images(z[:, 0]), first)
+        if self.pad_head is not None:
+            if pads is None or pads.shape != (len(z), cfg.pad_colours, 2):
+                raise ValueError(f"the pad term needs pads [B, {cfg.pad_colours}, 2], got "
+                                 f"{None if pads is None else list(pads.shape)}")
+            present = torch.isfinite(pads)  # a batch may hold no pad task at all: the term is then 0
+            err = (self.pad_head(z[:, 0]).view_as(pads) - pads.nan_to_num()) ** 2
+            out["pads"] = err[present].sum() / present.sum().clamp(min=1)
         flat = z.flatten(0, 1)
         if cfg.regularizer == "sigreg":
             out["sigreg"] = sigreg(flat, cfg.projections, generator)
@@ -112,6 +153,10 @@ class WorldModelObjective(nn.Module):
             out["loss"] = out["loss"] + cfg.inverse * out["inverse"]
         if cfg.contrast > 0:
             out["loss"] = out["loss"] + cfg.contrast * out["contrast"]
+        if self.reconstruct_head is not None:
+            out["loss"] = out["loss"] + cfg.reconstruct * out["reconstruct"]
+        if self.pad_head is not None:
+            out["loss"] = out["loss"] + cfg.pads * out["pads"]
         out["latent_std"] = torch.tensor(latent_std(flat))
         out["effective_rank"] = torch.tensor(effective_rank(flat))
         return out

@@ -44,14 +44,18 @@ def losses(path):
 
 
 def test_world_model_trains_evaluates_and_loads(tmp_path, tiny_dataset):
-    cfg = config(tmp_path, tiny_dataset, "target.steps=40", "target.eval_every=40", "target.checkpoint_every=20")
+    cfg = config(tmp_path, tiny_dataset, "target.steps=40", "target.eval_every=40", "target.checkpoint_every=20",
+                 "target.loss.reconstruct=10", "target.loss.reconstruct_width=16", "target.loss.pads=10")
     final = train(cfg, tmp_path / "run")
     assert {"rollout_h1", "copy_last_h1", "ratio_h2"} <= set(final)
     logged = metrics(tmp_path / "run/metrics.jsonl")
     train_lines = [m for m in logged if "loss" in m]
     assert [m["step"] for m in train_lines] == list(range(1, 41))
-    assert {"sigreg", "onestep", "multistep", "inverse", "contrast", "latent_std", "effective_rank", "lr"} <= set(train_lines[0])
+    assert {"sigreg", "onestep", "multistep", "inverse", "contrast", "reconstruct", "pads", "latent_std",
+            "effective_rank", "lr"} <= set(train_lines[0])
     assert train_lines[-1]["contrast"] < train_lines[0]["contrast"]
+    assert train_lines[-1]["reconstruct"] < train_lines[0]["reconstruct"]
+    assert np.mean([m["pads"] for m in train_lines[-10:]]) < np.mean([m["pads"] for m in train_lines[:10]])
     assert train_lines[-1]["multistep"] < train_lines[0]["multistep"]
     model = WorldModel.load(tmp_path / "out")
     assert model.cfg.image_size == 32 and model.cfg.latent_dim == 16
