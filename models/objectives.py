@@ -16,10 +16,10 @@ the actions move; the temporal contrast makes each imagined latent tell its own 
 the window's others, so what changes must be encoded, and predicted. Both use only the episode's
 own frames and actions: no privileged state.
 
-The reconstruction term answers the opposite gap. What never changes within an episode (where the
-target pads lie) gives prediction and contrast no reason to be kept, and a probe found it barely
-in the latent, so no goal computed from the latent could tell where an object should end.
-Two remedies, both off by default. Rebuilding one frame per window from its latent asks for the
+The last two terms answer the opposite gap, and are off by default. What never changes within an
+episode (where the target pads lie) gives prediction and contrast no reason to be kept, and a probe
+found it barely in the latent, so no goal computed from the latent could tell where an object should
+end. Rebuilding one frame per window from its latent asks for the
 whole static scene, label-free, at a small decoder's cost. The pad term asks for just the pads, from
 privileged truth at training time (as the VLA's "where" auxiliary does): the latent must hold each
 pad colour's position linearly. Nothing reads the truth after training.
