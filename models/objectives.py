@@ -8,9 +8,9 @@
       + reconstruct · ‖D(z_{t-(h-1)K}) − o_{t-(h-1)K}‖²   pixels of each window's first frame (a training-only decoder D)
       + pads · ‖P z_{t-(h-1)K} − pads‖²   the target pads' positions, read linearly (privileged, training only)
 
-Why the last two: the tabletop's scenes differ far more from one another (colours, objects, pads)
-than a scene changes within an episode, so prediction plus SIGReg alone is satisfied by a latent of
-the static scene that ignores the pusher (a linear probe found no pusher position in it) and that
+Why inverse and contrast: the tabletop's scenes differ far more from one another (colours,
+objects, pads) than a scene changes within an episode, so prediction plus SIGReg alone is satisfied
+by a latent of the static scene that ignores the pusher (a linear probe found no pusher position in it) and that
 copying the last latent predicts as well as the model. Inverse dynamics makes the latent see what
 the actions move; the temporal contrast makes each imagined latent tell its own future frame from
 the window's others, so what changes must be encoded, and predicted. Both use only the episode's
@@ -19,10 +19,10 @@ own frames and actions: no privileged state.
 The last two terms answer the opposite gap, and are off by default. What never changes within an
 episode (where the target pads lie) gives prediction and contrast no reason to be kept, and a probe
 found it barely in the latent, so no goal computed from the latent could tell where an object should
-end. Rebuilding one frame per window from its latent asks for the
-whole static scene, label-free, at a small decoder's cost. The pad term asks for just the pads, from
-privileged truth at training time (as the VLA's "where" auxiliary does): the latent must hold each
-pad colour's position linearly. Nothing reads the truth after training.
+end. Rebuilding one frame per window from its latent asks for the whole static scene, label-free,
+at a small decoder's cost. The pad term asks for just the pads, from privileged truth at training
+time (as the VLA's "where" auxiliary does): the latent must hold each pad colour's position
+linearly. Nothing reads the truth after training. Neither made the planner better (README).
 
 R is SIGReg on the online latents (no target network: f̄ = f with a stop-gradient), or, with an
 EMA target encoder f̄, VICReg's variance/covariance terms; `none` exists to show collapse.
