@@ -4,6 +4,7 @@
     foresight-report sweep outputs/robustness/<date>   # a sweep's heatmap (png, pdf), table (md), numbers (json)
     foresight-report save main_job outputs/main_job2   # keep a run's numbers: experiments/results/main_job.json
     foresight-report save robustness outputs/robustness/<date>   # ... or a whole sweep's
+    foresight-report save horizon outputs/horizon/<date>         # ... or foresight-horizon's horizon.json
 
 The robustness sweep is a hydra multirun of foresight-control (configs/sweep/robustness.yaml, which
 also says how to run it on a Ray cluster): `foresight-control -m +sweep=robustness`. Each job's
@@ -58,14 +59,14 @@ def overall(per_family: dict) -> dict:
     return per_family.get("all") or next(iter(per_family.values()))
 
 
-def command(run_dir: Path, multirun: bool = False) -> str | None:
-    """The foresight-control command line that made a run (or sweep), from what hydra saved."""
+def command(run_dir: Path, multirun: bool = False, program: str = "foresight-control") -> str | None:
+    """The command line that made a run (or sweep), from what hydra saved."""
     path = run_dir / "multirun.yaml" if multirun else run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return None
     overrides = OmegaConf.load(path)
     overrides = overrides.hydra.overrides.task if multirun else overrides
-    return shlex.join(["foresight-control", *(["-m"] if multirun else []), *overrides])
+    return shlex.join([program, *(["-m"] if multirun else []), *overrides])
 
 
 # ---------------------------------------------------------------- a sweep
@@ -165,7 +166,28 @@ def render_robustness(data: dict) -> str:
     return md_table(["condition", *modes], rows)
 
 
-RENDERERS = {"control": render_control, "robustness": render_robustness}
+OPEN_LOOP_HORIZONS = (1, 2, 4, 8, 16)  # chunks; the README's columns (horizon.json has every one)
+
+
+def render_horizon(data: dict) -> str:
+    """foresight-horizon: per variant, the probe's error on real latents, then at a few horizons h (chunks)
+    `error ratio to copy-last / probe error on imagined latents` (% of the table width); then, if it
+    ran, closed-loop vla_cem success per line and planning horizon H."""
+    variants = data["open_loop"]["variants"]
+    hs = [h for h in OPEN_LOOP_HORIZONS if h <= len(next(iter(variants.values()))["rollout"])]
+    rows = [[name, f"{pct(v['probe']['real_error_of_table_width'], short=False)}%",
+             *(f"{v['rollout'][h - 1]['ratio']:.2f} / {pct(v['probe']['imagined'][h - 1]['mean_error_of_table_width'], short=False)}%"
+               for h in hs)] for name, v in variants.items()]
+    text = md_table(["world model", "probe, real latents", *(f"h = {h}" for h in hs)], rows)
+    if "closed_loop" in data:
+        lines = data["closed_loop"]["lines"]
+        horizons = [r["H"] for r in next(iter(lines.values()))["horizons"]]
+        rows = [[name, *(cell(r) for r in line["horizons"])] for name, line in lines.items()]
+        text += "\n\n" + md_table(["vla_cem, line", *(f"H = {h}" for h in horizons)], rows)
+    return text
+
+
+RENDERERS = {"control": render_control, "robustness": render_robustness, "horizon": render_horizon}
 
 
 def render(data: dict, name: str) -> str:
@@ -201,11 +223,15 @@ def rewrite_readme(readme: Path, results: Path) -> list[str]:
 
 
 def save(name: str, path: Path, results: Path) -> Path:
-    """A control run's results.json (with the command that made it), or a whole sweep, as results/NAME.json."""
+    """A control run's results.json (with the command that made it), a horizon run's horizon.json, or a
+    whole sweep, as results/NAME.json."""
     run = path.parent if path.is_file() else path
     if (run / "results.json").is_file():
         data = {"kind": "control", "command": command(run), "source": str(run),
                 **json.loads((run / "results.json").read_text())}
+    elif (run / "horizon.json").is_file():
+        data = {"kind": "horizon", "command": command(run, program="foresight-horizon"), "source": str(run),
+                **json.loads((run / "horizon.json").read_text())}
     else:
         data = collect(path)
     render(data, name)  # fails now, not at the next README rebuild

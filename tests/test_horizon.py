@@ -2,6 +2,9 @@
 
 import json
 
+from experiments.report import main as report
+from experiments.report import render_horizon
+
 from test_control import SMALL_PLANNER
 from test_entry_points import run
 
@@ -32,6 +35,16 @@ def test_horizon_measures_every_variant_on_the_same_windows_and_seeds(tmp_path, 
     for stem in ("rollout_ratio", "probe_imagined", "closed_loop_success"):
         assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.pdf").stat().st_size > 0
     assert "| default" in result.stdout
+
+    report(["--results", str(tmp_path / "results"), "save", "horizon", str(out)])  # for the README's block
+    saved = json.loads((tmp_path / "results" / "horizon.json").read_text())
+    assert saved["kind"] == "horizon" and saved["command"].startswith("foresight-horizon data=")
+    table = render_horizon(saved).splitlines()
+    assert table[0] == "| world model | probe, real latents | h = 1 | h = 2 |"
+    ratio = ol["variants"]["other"]["rollout"][1]["ratio"]
+    assert table[3].startswith("| other | ") and f"| {ratio:.2f} / " in table[3]
+    assert table[5] == "| vla_cem, line | H = 1 | H = 2 |"
+    assert [row.split(" | ")[0] for row in table[7:]] == ["| default", "| other", "| jepa"]
 
 
 def test_horizon_names_a_missing_variant_and_the_command_that_makes_it(tmp_path, tiny_dataset, tiny_checkpoints):
