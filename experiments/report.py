@@ -226,12 +226,12 @@ def save(name: str, path: Path, results: Path) -> Path:
     """A control run's results.json (with the command that made it), a horizon run's horizon.json, or a
     whole sweep, as results/NAME.json."""
     run = path.parent if path.is_file() else path
-    if (run / "results.json").is_file():
-        data = {"kind": "control", "command": command(run), "source": str(run),
-                **json.loads((run / "results.json").read_text())}
-    elif (run / "horizon.json").is_file():
-        data = {"kind": "horizon", "command": command(run, program="foresight-horizon"), "source": str(run),
-                **json.loads((run / "horizon.json").read_text())}
+    for kind, file, program in (("control", "results.json", "foresight-control"),
+                                ("horizon", "horizon.json", "foresight-horizon")):
+        if (run / file).is_file():
+            data = {"kind": kind, "command": command(run, program=program), "source": str(run),
+                    **json.loads((run / file).read_text())}
+            break
     else:
         data = collect(path)
     render(data, name)  # fails now, not at the next README rebuild
