@@ -292,13 +292,13 @@ def _pytorch_mppi(objective, init, samples: int, iterations: int, lambda_: float
     from pytorch_mppi import MPPI
 
     wm = objective.world_model
-    lang_cond = wm.predictor.language_condition(objective.lang)  # once per plan, as in our rollouts
+    predictor = wm.predictor.for_instruction(objective.lang)  # folded once per plan (ours, once per rollout)
     horizon, k, a = init.mean.shape
     h, d = objective.z_hist.shape[1:]
 
     def dynamics(state, u):  # [M, h·D], [M, K·A] -> [M, h·D]
         history = state.reshape(-1, h, d)
-        z = wm.predictor.step(history, u.reshape(-1, k, a), lang_cond)
+        z = predictor.rollout(history, u.reshape(-1, 1, k, a))[:, 0]
         return torch.cat([history[:, 1:], z[:, None]], dim=1).flatten(1)
 
     def terminal_cost(states, actions):  # states [1, M, H, h·D] -> [1, M]

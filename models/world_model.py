@@ -180,6 +180,61 @@ class Predictor(nn.Module):
         shift, scale, _ = lang_cond[:, -1].unbind(1)  # the head's modulation (its gate is unused)
         return history[:, -1] + self.out(F.layer_norm(x, x.shape[-1:]) * (1 + scale) + shift)
 
+    def for_instruction(self, lang: torch.Tensor) -> "InstructionPredictor":
+        """This predictor with one instruction [1, L] folded into its weights (what a planner
+        wants: every candidate shares the instruction)."""
+        return InstructionPredictor(self, lang)
+
+
+class InstructionPredictor:
+    """The predictor's rollout for one fixed instruction, with the instruction's AdaLN modulation
+    folded into the linear layers once, so a step is only layer norms, matmuls and the activation:
+
+        fc1(LN(x)·(1 + scale) + shift) = LN(x) @ (W1·(1 + scale))ᵀ + (b1 + W1 @ shift)
+        gate · fc2(y)                  = y @ (gate·W2)ᵀ + gate·b2
+
+    The same function as Predictor.step (to float rounding), with three fewer elementwise passes
+    over the batch per block and no concatenation: 1,024 candidates × 4 chunks run about 1.2x
+    faster (foresight-bench world_model).
+    """
+
+    def __init__(self, predictor: Predictor, lang: torch.Tensor):
+        if lang.shape[0] != 1:
+            raise ValueError(f"for_instruction folds one instruction, got a batch of {lang.shape[0]}")
+        cond = predictor.language_condition(lang)[0]  # [blocks + 1, 3, W]
+        self.inp = predictor.inp
+        self.blocks = []
+        for block, (shift, scale, gate) in zip(predictor.blocks, cond):
+            w1, w2 = block.fc1.weight, block.fc2.weight
+            self.blocks.append((w1 * (1 + scale), block.fc1.bias + w1 @ shift, w2 * gate[:, None], block.fc2.bias * gate))
+        shift, scale, _ = cond[-1]
+        self.out_weight = predictor.out.weight * (1 + scale)
+        self.out_bias = predictor.out.bias + predictor.out.weight @ shift
+
+    def rollout(self, history: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+        """history [B, h, D], chunks [B, H, K, A] -> [B, H, D]: H steps, with the input layer split
+        by what it reads, so nothing is concatenated: the chunks' part for all H at once, and each
+        latent's part where it sits in the history."""
+        h, d = history.shape[1:]
+        w_latents, w_chunk = self.inp.weight.split([h * d, self.inp.in_features - h * d], dim=1)
+        w_latents = [w.t().contiguous() for w in w_latents.split(d, dim=1)]  # [D, W] per history slot
+        from_chunks = F.linear(chunks.flatten(2), w_chunk, self.inp.bias)  # [B, H, W]
+        latents = list(history.unbind(1))
+        for k in range(chunks.shape[1]):
+            x = from_chunks[:, k]
+            for z, w in zip(latents[-h:], w_latents):
+                x = torch.addmm(x, z, w)
+            latents.append(self._from_input(x, latents[-1]))
+        return torch.stack(latents[h:], dim=1)
+
+    def _from_input(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The input layer's output x [B, W] and the latest latent [B, D] -> next latent [B, D]."""
+        # A product, then in-place adds: on CPU, addmm first copies the (broadcast) bias and is slower.
+        for w1, b1, w2, b2 in self.blocks:
+            hidden = F.silu((F.layer_norm(x, x.shape[-1:]) @ w1.t()).add_(b1), inplace=True)
+            x = (hidden @ w2.t()).add_(b2).add_(x)
+        return (F.layer_norm(x, x.shape[-1:]) @ self.out_weight.t()).add_(self.out_bias).add_(last)
+
 
 class WorldModel(nn.Module):
     """Encoder + predictor, with the two calls the planner and training use."""
@@ -228,12 +283,14 @@ class WorldModel(nn.Module):
         """Imagine H chunks ahead, autoregressively.
 
         z_hist [B, h, D] (the latest h latents), chunks [B, H, K, A], lang [B, L] or [1, L] (one
-        instruction for every candidate: its conditioning is then computed once) -> [B, H, D].
+        instruction for every candidate: it is then folded into the predictor's weights once) -> [B, H, D].
         """
         h = self.cfg.history
         if z_hist.shape[1] < h:  # at an episode's start, repeat the first latent
             z_hist = torch.cat([z_hist[:, :1].expand(-1, h - z_hist.shape[1], -1), z_hist], dim=1)
         history = z_hist[:, -h:]
+        if len(lang) == 1:  # the planner's case: one instruction for every candidate
+            return self.predictor.for_instruction(lang).rollout(history, chunks)
         lang_cond = self.predictor.language_condition(lang)
         out = []
         for k in range(chunks.shape[1]):

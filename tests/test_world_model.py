@@ -47,6 +47,19 @@ def test_language_switch_changes_the_prediction_only_when_on():
         assert (not torch.allclose(a, b)) == should_differ
 
 
+def test_one_instruction_folded_into_the_weights_predicts_what_the_batched_path_does():
+    wm = make(blocks=2)
+    torch.nn.init.normal_(wm.predictor.modulation.weight, std=0.1)  # non-zero shift, scale and gate
+    torch.nn.init.normal_(wm.predictor.modulation.bias, std=0.1)
+    z, chunks, lang = torch.randn(6, 2, 128), torch.rand(6, 4, 8, 2) * 2 - 1, torch.randn(1, 384)
+    folded = wm.rollout(z, chunks, lang)  # one instruction: the folded path
+    batched = wm.rollout(z, chunks, lang.expand(6, -1))  # per-row conditioning: Predictor.step
+    assert not torch.allclose(batched, wm.rollout(z, chunks, torch.randn(6, 384)))
+    torch.testing.assert_close(folded, batched, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one instruction"):
+        wm.predictor.for_instruction(lang.expand(2, -1))
+
+
 def test_prediction_for_step_one_ignores_later_actions_and_frames():
     wm = make()
     torch.nn.init.normal_(wm.predictor.modulation.weight, std=0.1)
