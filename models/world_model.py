@@ -42,8 +42,9 @@ class WorldModelConfig:
     # sharpened by a learned temperature, so that every keypoint follows something from the start.
     keypoint_latent: bool = False
     # The predictor is sized for the planner's budget (foresight-bench world_model): about
-    # 0.23 MFLOP per imagined chunk-step. Three blocks twice as wide (0.50 MFLOP) predicted no
-    # better (rollout error 0.22 and 0.32 of copy-last at 1 and 4 chunks, against 0.21 and 0.34).
+    # 0.23 MFLOP per imagined chunk-step. Three blocks twice as wide (0.50 MFLOP) predicted about
+    # as well (foresight-evaluate: 0.21 and 0.30 of copy-last's error at 1 and 4 chunks, against 0.23
+    # and 0.33).
     width: int = 128
     blocks: int = 2
     mlp_ratio: int = 1
