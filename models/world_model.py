@@ -104,9 +104,8 @@ class CNNEncoder(nn.Module):
         n, v, h, w, _ = pixels.shape
         x = self.stem(pixels.permute(0, 1, 4, 2, 3).reshape(n, v * 3, h, w).float() / 127.5 - 1.0)
         logits = self.keypoint_maps(x).flatten(2)  # [N, keypoints, h/4 * w/4]
-        if self.keypoint_latent:
-            mean, std = logits.mean(-1, keepdim=True), logits.std(-1, keepdim=True)
-            logits = (logits - mean) / (std + 1e-3) * self.point_temperature
+        if self.keypoint_latent:  # standardised per map (layer_norm: one fused pass, not mean, std and divide)
+            logits = F.layer_norm(logits, logits.shape[-1:], eps=1e-6) * self.point_temperature
         attention = torch.softmax(logits, dim=-1)
         keypoints = (attention @ self.grid).flatten(1)  # [N, 2 * keypoints]
         rest = self.proj(torch.cat([self.conv(x).flatten(1), keypoints, state], dim=1))
