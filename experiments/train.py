@@ -6,7 +6,8 @@
 
 The loop is the same for every target (experiments/targets.py says what a target is): AdamW with
 warmup and cosine decay, gradient clipping, a progress bar, one JSON line of metrics per
-`log_every` steps and per evaluation in `<run dir>/metrics.jsonl`, and an atomic training
+`log_every` steps and per evaluation in `<run dir>/metrics.jsonl`, optionally an exponential
+moving average of the weights (`target.weight_ema`) that is evaluated and shipped, and an atomic training
 checkpoint every `checkpoint_every` steps in `<run dir>/checkpoint`. A rerun of the same command
 resumes from it and logs the same losses an uninterrupted run would: every step's randomness is
 drawn from generators seeded by (seed, step, rank), so nothing but the weights, the optimizer and
@@ -15,6 +16,8 @@ the step has to be saved. At the end the weights alone go to `out` (model.safete
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -44,6 +47,42 @@ def lr_at(step: int, cfg: DictConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class WeightEMA:
+    """An exponential moving average of the models' weights, as diffusion and flow-matching policies
+    keep: evaluated and shipped in place of the last step's. The decay ramps up as (1+t)/(10+t), so
+    the average does not start from the random initialisation."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
+        self.decay = decay
+        self.averaged = {f"ema_{name}": copy.deepcopy(m).requires_grad_(False) for name, m in modules.items()}
+        self.live = [t for m in modules.values() for t in (*m.parameters(), *m.buffers())]
+        self.average = [t for m in self.averaged.values() for t in (*m.parameters(), *m.buffers())]
+        self.floats = [i for i, t in enumerate(self.live) if t.is_floating_point()]
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Average from the live weights as they are now (after loading a model to fine-tune)."""
+        torch._foreach_copy_(self.average, self.live)
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        weight = 1 - min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_([self.average[i] for i in self.floats], [self.live[i] for i in self.floats], weight)
+        for i in set(range(len(self.live))) - set(self.floats):  # integer buffers (counters): the latest
+            self.average[i].copy_(self.live[i])
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def applied(self):
+        """The averaged weights in the live modules for the duration (the training weights after)."""
+        kept = [t.clone() for t in self.live]
+        torch._foreach_copy_(self.live, self.average)
+        try:
+            yield
+        finally:
+            torch._foreach_copy_(self.live, kept)
 
 
 class MetricsLog:
@@ -96,6 +135,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     params = [p for p in target.objective.parameters() if p.requires_grad]
     # What a resume restores: the models, and any training-only heads of the objective.
     resumable = {**target.modules, **getattr(target, "training_heads", {})}
+    ema = WeightEMA(target.modules, float(tcfg.weight_ema)) if tcfg.get("weight_ema") else None
+    if ema is not None:
+        resumable.update(ema.averaged)
+    evaluated = ema.applied if ema is not None else contextlib.nullcontext
     # fused: one kernel for all parameters (on CPU the default loops over them, 10-14 ms a step here)
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=True)
 
@@ -113,6 +156,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         print(f"resuming {tcfg.name} from step {start} ({ckpt_dir})")
     if not start and tcfg.get("init"):  # fine-tune: start from a saved model's weights
         load_into(target.modules, load_checkpoint(tcfg.init)[0])
+        if ema is not None:
+            ema.restart()
     objective = target.objective
     if world > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective)
@@ -138,6 +183,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
         optimizer.step()
         target.after_step()
+        if ema is not None:
+            ema.update(step)
         samples += tcfg.batch
         if not torch.isfinite(out["loss"]):
             raise FloatingPointError(f"the loss became {out['loss'].item()} at step {step}; lower target.lr "
@@ -153,15 +200,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if done % tcfg.eval_every == 0 or done == tcfg.steps:
             if rank == 0:
                 target.objective.eval()
-                log.write(done, {f"eval/{k}": v for k, v in target.evaluate().items()})
+                with evaluated():
+                    log.write(done, {f"eval/{k}": v for k, v in target.evaluate().items()})
         if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
             checkpoint(done)
     bar.close()
     final = {}
     if rank == 0:
         target.objective.eval()
-        final = target.evaluate()
-        save_checkpoint(tcfg.out, target.modules, target.config(), extra={"eval": final, "steps": tcfg.steps})
+        with evaluated():
+            final = target.evaluate()
+            save_checkpoint(tcfg.out, target.modules, target.config(), extra={"eval": final, "steps": tcfg.steps})
         print(f"{tcfg.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
         print(f"weights: {Path(tcfg.out).resolve()}  metrics: {run_dir / 'metrics.jsonl'}")
     log.close()

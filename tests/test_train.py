@@ -21,6 +21,7 @@ from experiments.evaluate import evaluate, report
 from experiments.targets import named_point_targets, random_shift
 from experiments.train import train
 from models import WorldModel
+from models.checkpoint import load_checkpoint
 from models.goal import GoalModel
 from models.vla import VLA
 
@@ -133,6 +134,22 @@ def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary_and_fine_tun
     train(tuned, tmp_path / "tuned/run")
     before, after = VLA.load(tmp_path / "out").state_dict(), VLA.load(tmp_path / "tuned/out").state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_vla_ships_its_weight_average_and_a_resume_restores_it(tmp_path, tiny_dataset):
+    vla = ["target=vla", "target.policies=[mixed]", "target.eval_policies=[mixed]", "target.model.width=32",
+           "target.model.keypoints=4", "target.model.expert_width=32", "target.model.expert_blocks=1",
+           "target.eval_windows=8", "target.weight_ema=0.9", "target.checkpoint_every=2", "target.eval_every=100"]
+    train(config(tmp_path / "a", tiny_dataset, *vla, "target.steps=4", tiny=COMMON), tmp_path / "a/run")
+    live, _ = load_checkpoint(tmp_path / "a/run/checkpoint")
+    shipped = VLA.load(tmp_path / "a/out").state_dict()
+    assert all(torch.equal(shipped[k], live[f"ema_vla.{k}"]) for k in shipped)
+    assert not all(torch.equal(shipped[k], live[f"vla.{k}"]) for k in shipped)  # the average, not the last step
+    # Two steps (both in warmup, so the same learning rates), then resumed to four: the same average.
+    train(config(tmp_path / "b", tiny_dataset, *vla, "target.steps=2", tiny=COMMON), tmp_path / "b/run")
+    train(config(tmp_path / "b", tiny_dataset, *vla, "target.steps=4", tiny=COMMON), tmp_path / "b/run")
+    resumed = VLA.load(tmp_path / "b/out").state_dict()
+    assert all(torch.allclose(shipped[k], resumed[k]) for k in shipped)
 
 
 def _train_cli(tmp_path, data, run, *overrides, **popen):
