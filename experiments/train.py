@@ -59,7 +59,9 @@ class WeightEMA:
         self.averaged = {f"ema_{name}": copy.deepcopy(m).requires_grad_(False) for name, m in modules.items()}
         self.live = [t for m in modules.values() for t in (*m.parameters(), *m.buffers())]
         self.average = [t for m in self.averaged.values() for t in (*m.parameters(), *m.buffers())]
-        self.floats = [i for i, t in enumerate(self.live) if t.is_floating_point()]
+        floats = [t.is_floating_point() for t in self.live]
+        self.averaged_pairs = [(a, t) for a, t, f in zip(self.average, self.live, floats) if f]
+        self.copied_pairs = [(a, t) for a, t, f in zip(self.average, self.live, floats) if not f]  # counters
 
     @torch.no_grad()
     def restart(self) -> None:
@@ -69,9 +71,10 @@ class WeightEMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         weight = 1 - min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_([self.average[i] for i in self.floats], [self.live[i] for i in self.floats], weight)
-        for i in set(range(len(self.live))) - set(self.floats):  # integer buffers (counters): the latest
-            self.average[i].copy_(self.live[i])
+        averaged, live = zip(*self.averaged_pairs)
+        torch._foreach_lerp_(list(averaged), list(live), weight)
+        for average, latest in self.copied_pairs:
+            average.copy_(latest)
 
     @contextlib.contextmanager
     @torch.no_grad()
