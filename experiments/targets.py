@@ -320,6 +320,42 @@ def random_shift(pixels: np.ndarray, pad: int, rng: np.random.Generator) -> tupl
     return shifted, np.stack([pad - dx, pad - dy], axis=1)
 
 
+# Families whose instructions name no direction ("touch the red cube", "push ... onto the green
+# pad"): mirroring or transposing the table leaves the instruction true, so their frames can be.
+SYMMETRIC_FAMILIES = ("reach", "push_to_pad")
+
+
+def table_symmetry(pixels: np.ndarray, state: np.ndarray, actions: np.ndarray, where: np.ndarray | None,
+                   which: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Augmentation: row i seen under the table's symmetry `which[i]` in 0..7 (an element of the
+    square's dihedral group): bit 2 swaps world x and y, then bit 0 negates x and bit 1 negates y.
+    The top camera looks straight down on the table's centre, so the image transforms exactly with
+    the world. pixels [B, V, H, W, 3] (square, top view), state [B, 4] (x, y, vx, vy), actions
+    [B, K, 2] (vx, vy), where [B, P, 2] as image (u, v) with u along +x and v along -y."""
+    pixels, state, actions = pixels.copy(), state.copy(), actions.copy()
+    where = None if where is None else where.copy()
+    for i, g in enumerate(which):
+        if g & 4:  # (x, y) -> (y, x): the image's anti-transpose, (u, v) -> (-v, -u)
+            pixels[i] = pixels[i, :, ::-1, ::-1].transpose(0, 2, 1, 3)
+            state[i] = state[i, [1, 0, 3, 2]]
+            actions[i] = actions[i, :, ::-1]
+            if where is not None:
+                where[i] = -where[i, :, ::-1]
+        if g & 1:  # x -> -x: columns reversed, u -> -u
+            pixels[i] = pixels[i, :, :, ::-1]
+            state[i, [0, 2]] *= -1
+            actions[i, :, 0] *= -1
+            if where is not None:
+                where[i, :, 0] *= -1
+        if g & 2:  # y -> -y: rows reversed, v -> -v
+            pixels[i] = pixels[i, :, ::-1]
+            state[i, [1, 3]] *= -1
+            actions[i, :, 1] *= -1
+            if where is not None:
+                where[i, :, 1] *= -1
+    return pixels, state, actions, where
+
+
 def tabletop_truth(ds: EpisodeDataset, i: int, option: str) -> tuple[np.ndarray, ...]:
     """Episode i's recorded privileged truth (object_pos, pad_pos, pusher_pos) for every frame, the
     input of `envs.experts.replay_infos`; `option` names the setting that needs it, for the error."""
@@ -331,6 +367,16 @@ def tabletop_truth(ds: EpisodeDataset, i: int, option: str) -> tuple[np.ndarray,
                          f"this dataset")
     lo, n = int(ds.starts[i]), int(ds.lengths[i])
     return tuple(np.asarray(ds.frames[f"privileged/{k}"][lo:lo + n + 1]) for k in keys)
+
+
+def first_of_each_family(ds: EpisodeDataset, episodes: np.ndarray, budget: dict[str, int]) -> np.ndarray:
+    """The first budget[family] of `episodes` of each family named in `budget` (the others: none)."""
+    family = np.array([ds.task(i)["family"] for i in episodes])
+    unknown = set(budget) - set(family)
+    if unknown:
+        raise ValueError(f"target.family_episodes names {sorted(unknown)}, but {ds.path} has episodes of "
+                         f"{sorted(set(family))} only")
+    return np.sort(np.concatenate([episodes[family == f][:int(n)] for f, n in budget.items()]))
 
 
 def relabel_with_expert(ds: EpisodeDataset, episodes: np.ndarray) -> None:
@@ -382,9 +428,13 @@ class VLATarget:
             policies = list(t.policies if ds is self.train_ds else t.eval_policies)
             behaviour = np.array([p.split("(")[0] for p in ds.policies])
             usable = np.ones(len(ds), bool) if relabel else ds.success  # relabelled failures still teach
-            # The recipe's budget: the first `episodes` of each policy's (training only).
+            # The recipe's budget: the first `episodes` of each policy's (training only), or with
+            # family_episodes the first n of each family's.
             cap = int(t.episodes) if ds is self.train_ds and t.get("episodes") else None
             keep = np.sort(np.concatenate([np.flatnonzero((behaviour == p) & usable)[:cap] for p in policies]))
+            if ds is self.train_ds and t.get("family_episodes"):
+                keep = first_of_each_family(ds, np.flatnonzero(np.isin(behaviour, policies) & usable),
+                                            dict(t.family_episodes))
             if len(keep) == 0:
                 raise ValueError(f"{ds.path} has no {'' if relabel else 'successful '}episodes of policies {policies}")
             if relabel:
@@ -392,10 +442,20 @@ class VLATarget:
             if self.model_cfg.where_weight > 0:
                 # With where_frames the "where" auxiliary also sees frames of every training episode.
                 located = np.arange(len(ds)) if ds is self.train_ds and t.get("where_frames") else keep
-                self.where.append(torch.from_numpy(named_point_targets(ds, located)))
+                self.where.append(named_point_targets(ds, located))
             self.samplers.append(WindowSampler(ds, history=1, horizon=horizon, chunk=self.model_cfg.chunk,
                                                episodes=keep, pad_end=bool(t.get("pad_end", False))))
             self.langs.append(instruction_table(ds)[0])
+        self.symmetric = None
+        if t.get("symmetry"):
+            if self.train_ds.meta.env_id != TABLETOP_ID or list(self.train_ds.meta.cameras) != ["top"] \
+                    or views != 1 or height != self.train_ds.frames["pixels"].shape[3]:
+                raise ValueError(f"target.symmetry needs a tabletop dataset seen by the top camera alone, in "
+                                 f"square images; {self.train_ds.path} has cameras "
+                                 f"{list(self.train_ds.meta.cameras)} at {height}x"
+                                 f"{self.train_ds.frames['pixels'].shape[3]}: turn it off for this dataset")
+            self.symmetric = np.array([self.train_ds.task(i)["family"] in SYMMETRIC_FAMILIES
+                                       for i in range(len(self.train_ds))])
         if t.get("where_frames"):
             self.perception_sampler = WindowSampler(self.train_ds, history=1, horizon=1, chunk=self.model_cfg.chunk,
                                                     pad_end=True)
@@ -419,18 +479,21 @@ class VLATarget:
                  demonstrations: bool):
         """`size` windows of `sampler` as model inputs (NaN actions unless `demonstrations`)."""
         w = sampler.sample(rng, size)
-        pixels, moved = w.pixels[:, -1], np.zeros((len(w.t), 2))
+        pixels, state, actions, moved = w.pixels[:, -1], w.state[:, -1], w.actions[:, 0], np.zeros((len(w.t), 2))
+        where = self.where[split][sampler.ds.starts[w.episode] + w.t] if self.where else None
+        if split == 0 and self.symmetric is not None:
+            which = np.where(self.symmetric[w.episode], rng.integers(0, 8, size=len(w.t)), 0)
+            pixels, state, actions, where = table_symmetry(pixels, state, actions, where, which)
         if split == 0 and self.cfg.target.get("shift"):
             pixels, moved = random_shift(pixels, int(self.cfg.target.shift), rng)
-        actions = torch.from_numpy(w.actions[:, 0])
-        out = {"pixels": torch.from_numpy(pixels), "state": torch.from_numpy(w.state[:, -1]),
+        actions = torch.from_numpy(actions)
+        out = {"pixels": torch.from_numpy(pixels), "state": torch.from_numpy(state),
                "lang": self.langs[split][torch.from_numpy(w.episode)],
                "actions": actions if demonstrations else torch.full_like(actions, float("nan")),
                "action_pad": torch.from_numpy(w.action_pad[:, :self.model_cfg.chunk])}
-        if self.where:
-            where = self.where[split][torch.from_numpy(sampler.ds.starts[w.episode] + w.t)]
+        if where is not None:
             moved = 2 * moved / np.array([pixels.shape[3], pixels.shape[2]])  # pixels -> image coordinates
-            out["where"] = where + torch.from_numpy(moved).float()[:, None]  # the targets follow the shift
+            out["where"] = torch.from_numpy(where + moved[:, None]).float()  # the targets follow the shift
         return w, out
 
     def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:

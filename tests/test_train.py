@@ -15,10 +15,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from envs.dataset import EpisodeDataset
-from envs.scene import TABLE_RGB
+from envs.experts import PUSHER_TOP
+from envs.scene import TABLE_RGB, image_coords
 from experiments.common import CONFIG_DIR
 from experiments.evaluate import evaluate, report
-from experiments.targets import named_point_targets, random_shift
+from experiments.targets import first_of_each_family, named_point_targets, random_shift, table_symmetry
 from experiments.train import train
 from models import WorldModel
 from models.checkpoint import load_checkpoint
@@ -114,9 +115,35 @@ def test_named_point_targets_land_on_the_named_object_and_pad_in_the_frames(tiny
         assert all(np.abs(chroma(hue) - chroma(TABLE_RGB)).sum() > 0.1 for hue in seen[1:]), i
 
 
+def test_table_symmetry_moves_pixels_state_actions_and_where_targets_together(tiny_dataset):
+    ds = EpisodeDataset(tiny_dataset, load=True)
+    frames = ds.starts[:4] + 3
+    pixels, state = ds.frames["pixels"][frames], ds.frames["state"][frames]
+    where = named_point_targets(ds, np.arange(len(ds)))[frames]  # [4, P, 2]: the pusher first
+    size = pixels.shape[2]
+    pixel_at = lambda image, uv: image[0, int(np.floor((uv[1] + 1) / 2 * size)), int(np.floor((uv[0] + 1) / 2 * size))]
+    seen = set()
+    for g in range(8):
+        which = np.full(len(frames), g)
+        # The pusher's velocity stands in for an action: both are (vx, vy) and must turn alike.
+        p2, s2, a2, w2 = table_symmetry(pixels, state, state[:, None, 2:4], where, which)
+        np.testing.assert_allclose(a2[:, 0], s2[:, 2:4])
+        np.testing.assert_allclose(np.abs(s2).sum(1), np.abs(state).sum(1), rtol=1e-6)
+        seen.add(tuple(np.round(s2[0, :2], 6)))
+        for i in range(len(frames)):
+            # Where the moved pusher projects through the real camera is where its target moved to ...
+            np.testing.assert_allclose(image_coords(np.r_[s2[i, :2], PUSHER_TOP]), w2[i, 0], atol=1e-5)
+            # ... and every named point's pixel moved with it.
+            for uv, uv2 in zip(where[i], w2[i]):
+                if np.isfinite(uv).all() and np.abs(uv).max() < 0.95:
+                    np.testing.assert_array_equal(pixel_at(p2[i], uv2), pixel_at(pixels[i], uv))
+    assert len(seen) == 8  # eight different poses of the same scene
+    np.testing.assert_array_equal(table_symmetry(pixels, state, state[:, None, 2:4], where, np.zeros(4, int))[0], pixels)
+
+
 def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary_and_fine_tunes(tmp_path, tiny_dataset):
     vla = ["target=vla", "target.policies=[mixed]", "target.eval_policies=[mixed]", "target.labels=expert",
-           "target.model.where_weight=1.0", "target.where_frames=4", "target.model.width=32", "target.model.keypoints=4",
+           "target.model.where_weight=1.0", "target.where_frames=4", "target.symmetry=true", "target.model.width=32", "target.model.keypoints=4",
            "target.model.expert_width=32", "target.model.expert_blocks=1", "target.eval_windows=8"]
     cfg = config(tmp_path, tiny_dataset, *vla, "target.steps=6", "target.eval_every=6", tiny=COMMON)
     final = train(cfg, tmp_path / "run")
@@ -128,6 +155,11 @@ def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary_and_fine_tun
                  "target.labels=imagined", tiny=COMMON)
     with pytest.raises(ValueError, match="target.labels must be recorded or expert"):
         train(bad, tmp_path / "bad")
+    ds = EpisodeDataset(tiny_dataset)
+    family = [ds.task(i)["family"] for i in range(len(ds))]
+    assert [family[i] for i in first_of_each_family(ds, np.arange(len(ds)), {"push_to_pad": 2})] == ["push_to_pad"] * 2
+    with pytest.raises(ValueError, match=r"family_episodes names \['reach'\]"):
+        train(config(tmp_path, tiny_dataset, *vla, "+target.family_episodes={reach: 3}", tiny=COMMON), tmp_path / "bad")
     # Fine-tuning starts from the given weights: at lr 0 it ends with them unchanged.
     tuned = config(tmp_path / "tuned", tiny_dataset, *vla, "target.lr=0", "target.steps=2",
                    f"target.init={tmp_path}/out", tiny=COMMON)
