@@ -430,11 +430,12 @@ class VLATarget:
             usable = np.ones(len(ds), bool) if relabel else ds.success  # relabelled failures still teach
             # The recipe's budget: the first `episodes` of each policy's (training only), or with
             # family_episodes the first n of each family's.
-            cap = int(t.episodes) if ds is self.train_ds and t.get("episodes") else None
-            keep = np.sort(np.concatenate([np.flatnonzero((behaviour == p) & usable)[:cap] for p in policies]))
             if ds is self.train_ds and t.get("family_episodes"):
                 keep = first_of_each_family(ds, np.flatnonzero(np.isin(behaviour, policies) & usable),
                                             dict(t.family_episodes))
+            else:
+                cap = int(t.episodes) if ds is self.train_ds and t.get("episodes") else None
+                keep = np.sort(np.concatenate([np.flatnonzero((behaviour == p) & usable)[:cap] for p in policies]))
             if len(keep) == 0:
                 raise ValueError(f"{ds.path} has no {'' if relabel else 'successful '}episodes of policies {policies}")
             if relabel:
@@ -449,7 +450,7 @@ class VLATarget:
         self.symmetric = None
         if t.get("symmetry"):
             if self.train_ds.meta.env_id != TABLETOP_ID or list(self.train_ds.meta.cameras) != ["top"] \
-                    or views != 1 or height != self.train_ds.frames["pixels"].shape[3]:
+                    or height != self.train_ds.frames["pixels"].shape[3]:
                 raise ValueError(f"target.symmetry needs a tabletop dataset seen by the top camera alone, in "
                                  f"square images; {self.train_ds.path} has cameras "
                                  f"{list(self.train_ds.meta.cameras)} at {height}x"
