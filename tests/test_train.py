@@ -143,7 +143,8 @@ def test_table_symmetry_moves_pixels_state_actions_and_where_targets_together(ti
 
 def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary_and_fine_tunes(tmp_path, tiny_dataset):
     vla = ["target=vla", "target.policies=[mixed]", "target.eval_policies=[mixed]", "target.labels=expert",
-           "target.model.where_weight=1.0", "target.where_frames=4", "target.symmetry=true", "target.model.width=32", "target.model.keypoints=4",
+           "target.model.where_weight=1.0", "target.where_frames=4", "target.symmetry=true",
+           "target.model.width=32", "target.model.keypoints=4",
            "target.model.expert_width=32", "target.model.expert_blocks=1", "target.eval_windows=8"]
     cfg = config(tmp_path, tiny_dataset, *vla, "target.steps=6", "target.eval_every=6", tiny=COMMON)
     final = train(cfg, tmp_path / "run")
@@ -159,7 +160,7 @@ def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary_and_fine_tun
     family = [ds.task(i)["family"] for i in range(len(ds))]
     assert [family[i] for i in first_of_each_family(ds, np.arange(len(ds)), {"push_to_pad": 2})] == ["push_to_pad"] * 2
     with pytest.raises(ValueError, match=r"family_episodes names \['reach'\]"):
-        train(config(tmp_path, tiny_dataset, *vla, "+target.family_episodes={reach: 3}", tiny=COMMON), tmp_path / "bad")
+        train(config(tmp_path, tiny_dataset, *vla, "target.family_episodes={reach: 3}", tiny=COMMON), tmp_path / "bad")
     # Fine-tuning starts from the given weights: at lr 0 it ends with them unchanged.
     tuned = config(tmp_path / "tuned", tiny_dataset, *vla, "target.lr=0", "target.steps=2",
                    f"target.init={tmp_path}/out", tiny=COMMON)
