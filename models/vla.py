@@ -138,7 +138,11 @@ class ConvBackbone(nn.Module):
         self.film = nn.Linear(LANG_DIM, 2 * sum(self.channels))
         nn.init.zeros_(self.film.weight)  # starts as the identity modulation
         nn.init.zeros_(self.film.bias)
-        self.keypoint_maps = nn.Conv2d(c3, cfg.keypoints, 1)
+        if cfg.keypoints < 0 or cfg.keypoints + cfg.language_points < 1:
+            raise ValueError(f"the cnn needs at least one point: keypoints ({cfg.keypoints}) + language_points "
+                             f"({cfg.language_points}) must be ≥ 1, and neither negative")
+        self.n_keypoints = cfg.keypoints
+        self.keypoint_maps = nn.Conv2d(c3, cfg.keypoints, 1) if cfg.keypoints else None
         cells = cfg.image_size // 4
         side = (torch.arange(cells) + 0.5) / cells * 2 - 1  # cell centres in image coordinates [-1, 1]
         ys, xs = torch.meshgrid(side, side, indexing="ij")
@@ -165,13 +169,14 @@ class ConvBackbone(nn.Module):
         for conv, norm, film in zip(self.convs, self.norms, films):
             scale, shift = film[:, :, None, None].chunk(2, dim=1)
             x = F.silu(norm(conv(x)) * (1 + scale) + shift)
-        maps, named = self.keypoint_maps(x).flatten(2), None  # [B, keypoints, cells]
+        maps = self.keypoint_maps(x).flatten(2) if self.keypoint_maps is not None else x.new_zeros(b, 0, h * w // 16)
+        named = None  # maps: [B, keypoints, cells]
         if self.language_points is not None:
             filters = self.language_points(lang).view(b, -1, x.shape[1])  # [B, language_points, C]
             named = filters @ x.flatten(2) / math.sqrt(x.shape[1])
             maps = torch.cat([maps, named], dim=1)
         keypoints = torch.softmax(maps, dim=-1) @ self.grid  # [B, keypoints (+ language points), 2]
-        points = keypoints[:, self.keypoint_maps.out_channels:]
+        points = keypoints[:, self.n_keypoints:]
         relations = points[:, self.pairs[0]] - points[:, self.pairs[1]]  # [B, pairs, 2]
         coarse = [F.silu(self.coarse(x)).flatten(1)] if self.coarse is not None else []
         context = self.head(torch.cat([keypoints.flatten(1), relations.flatten(1), *coarse, state, lang], dim=1))

@@ -69,7 +69,8 @@ def test_sampling_is_deterministic_per_seed():
 
 
 BACKBONES = {"vit": dict(backbone="vit"), "cnn": dict(backbone="cnn"),
-             "cnn_patch_stem": dict(backbone="cnn", stem=4, channels=(16, 32, 32))}
+             "cnn_patch_stem": dict(backbone="cnn", stem=4, channels=(16, 32, 32)),
+             "cnn_language_points_only": dict(backbone="cnn", keypoints=0, language_points=3)}
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -249,6 +250,8 @@ def test_bad_cnn_shapes_are_refused():
         make(backbone="cnn", channels=(32, 64, 60))
     with pytest.raises(ValueError, match="3 channel widths"):
         make(backbone="cnn", channels=(32, 64))
+    with pytest.raises(ValueError, match=r"at least one point: keypoints \(0\) \+ language_points \(0\)"):
+        make(backbone="cnn", keypoints=0, language_points=0)
 
 
 def test_bad_batches_raise_clear_errors():
