@@ -169,8 +169,9 @@ class ConvBackbone(nn.Module):
         for conv, norm, film in zip(self.convs, self.norms, films):
             scale, shift = film[:, :, None, None].chunk(2, dim=1)
             x = F.silu(norm(conv(x)) * (1 + scale) + shift)
-        maps = self.keypoint_maps(x).flatten(2) if self.keypoint_maps is not None else x.new_zeros(b, 0, h * w // 16)
-        named = None  # maps: [B, keypoints, cells]
+        # [B, keypoints, cells]: no rows without free keypoints
+        maps = self.keypoint_maps(x).flatten(2) if self.keypoint_maps is not None else x.flatten(2)[:, :0]
+        named = None
         if self.language_points is not None:
             filters = self.language_points(lang).view(b, -1, x.shape[1])  # [B, language_points, C]
             named = filters @ x.flatten(2) / math.sqrt(x.shape[1])
