@@ -138,7 +138,8 @@ def test_table_symmetry_moves_pixels_state_actions_and_where_targets_together(ti
                 if np.isfinite(uv).all() and np.abs(uv).max() < 0.95:
                     np.testing.assert_array_equal(pixel_at(p2[i], uv2), pixel_at(pixels[i], uv))
     assert len(seen) == 8  # eight different poses of the same scene
-    np.testing.assert_array_equal(table_symmetry(pixels, state, state[:, None, 2:4], where, np.zeros(4, int))[0], pixels)
+    identity = table_symmetry(pixels, state, state[:, None, 2:4], where, np.zeros(4, int))
+    np.testing.assert_array_equal(identity[0], pixels)
 
 
 def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary_and_fine_tunes(tmp_path, tiny_dataset):
