@@ -50,6 +50,13 @@ def instruction_table(ds: EpisodeDataset) -> tuple[torch.Tensor, torch.Tensor]:
     return emb[ids], ids
 
 
+def instruction_tokens(ds: EpisodeDataset) -> torch.Tensor:
+    """Per episode: the instruction's token embeddings [E, T, L], zero-padded (for token_points)."""
+    texts = sorted(set(ds.instructions))
+    tokens = get_instruction_encoder().encode_tokens(texts)
+    return tokens[torch.tensor([texts.index(s) for s in ds.instructions])]
+
+
 def _build(seed: int, make):
     """Build modules from `seed` alone (every rank gets the same initial weights)."""
     with torch.random.fork_rng():
@@ -422,7 +429,7 @@ class VLATarget:
         labels = t.get("labels", "recorded")
         if labels not in ("recorded", "expert"):
             raise ValueError(f"target.labels must be recorded or expert, got {labels!r}")
-        self.samplers, self.langs, self.where = [], [], []
+        self.samplers, self.langs, self.tokens, self.where = [], [], [], []
         for ds in (self.train_ds, self.eval_ds):
             relabel = labels == "expert"  # held-out episodes too, so the held-out loss measures the same labels
             policies = list(t.policies if ds is self.train_ds else t.eval_policies)
@@ -447,6 +454,8 @@ class VLATarget:
             self.samplers.append(WindowSampler(ds, history=1, horizon=horizon, chunk=self.model_cfg.chunk,
                                                episodes=keep, pad_end=bool(t.get("pad_end", False))))
             self.langs.append(instruction_table(ds)[0])
+            if self.model_cfg.token_points:
+                self.tokens.append(instruction_tokens(ds))
         self.symmetric = None
         if t.get("symmetry"):
             if self.train_ds.meta.env_id != TABLETOP_ID or list(self.train_ds.meta.cameras) != ["top"] \
@@ -492,6 +501,8 @@ class VLATarget:
                "lang": self.langs[split][torch.from_numpy(w.episode)],
                "actions": actions if demonstrations else torch.full_like(actions, float("nan")),
                "action_pad": torch.from_numpy(w.action_pad[:, :self.model_cfg.chunk])}
+        if self.tokens:
+            out["lang_tokens"] = self.tokens[split][torch.from_numpy(w.episode)]
         if where is not None:
             moved = 2 * moved / np.array([pixels.shape[3], pixels.shape[2]])  # pixels -> image coordinates
             out["where"] = torch.from_numpy(where + moved[:, None]).float()  # the targets follow the shift

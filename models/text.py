@@ -12,6 +12,7 @@ import threading
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 # The model is bundled in a pip package; nothing may be fetched from the Hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +36,7 @@ class InstructionEncoder:
         self.batch_size = batch_size
         self._model = None
         self._cache: dict[str, torch.Tensor] = {}
+        self._token_cache: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
     @property
@@ -51,6 +53,7 @@ class InstructionEncoder:
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._token_cache.clear()
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Embed `texts` (a list of non-empty strings) as f32 `[B, 384]`, each row of unit L2 norm.
@@ -73,6 +76,34 @@ class InstructionEncoder:
         if not texts:
             return torch.empty(0, DIM)
         return torch.stack([self._cache[t] for t in texts])
+
+
+    def encode_tokens(self, texts: Sequence[str]) -> torch.Tensor:
+        """The contextual embedding of every token of `texts` (MiniLM's last layer, before pooling),
+        each row of unit L2 norm, as f32 `[B, T, 384]` with T the longest text's token count; the
+        rows past a text's end are zeros (`token_mask` finds them). A word's token carries its
+        context ("green" in "the green pad" knows it describes the pad), which the pooled
+        sentence embedding blurs. Cached by string, like `encode`."""
+        _check_texts(texts)
+        new = list(dict.fromkeys(t for t in texts if t not in self._token_cache))
+        if new:
+            with torch.inference_mode():
+                tokens = self.model.encode(new, batch_size=self.batch_size, output_value="token_embeddings",
+                                           convert_to_numpy=False, show_progress_bar=False)
+            for text, rows in zip(new, tokens):
+                self._token_cache[text] = F.normalize(rows.float().cpu(), dim=-1).clone()
+        if not texts:
+            return torch.empty(0, 0, DIM)
+        rows = [self._token_cache[t] for t in texts]
+        out = torch.zeros(len(rows), max(len(r) for r in rows), DIM)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = r
+        return out
+
+
+def token_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """Which rows of `encode_tokens`' output [B, T, L] are tokens (True) rather than padding [B, T]."""
+    return tokens.abs().sum(-1) > 0
 
 
 _shared: InstructionEncoder | None = None

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .text import token_mask
 from .world_model import LANG_DIM, AdaLNBlock
 
 TIME_FEATURES = 64  # sinusoidal features of the flow time τ
@@ -46,6 +47,7 @@ class VLAConfig:
     stem: int = 2  # cnn: the first convolution's stride, 2 (3x3, then a stride-2 stage) or 4 (4x4 patches)
     keypoints: int = 32  # spatial soft-argmax keypoints (cnn)
     language_points: int = 0  # soft-argmax points whose 1x1 filters the instruction writes (cnn)
+    token_points: bool = False  # the language points' filters read the instruction's tokens, not its pooled embedding
     coarse: bool = True  # the context also reads a coarse 8x8 feature map (cnn)
     expert_width: int = 256  # the action expert's
     expert_blocks: int = 3
@@ -79,6 +81,22 @@ def batch_language(batch: dict, device: torch.device | str | None = None) -> tor
     return lang.to(device) if device is not None else lang
 
 
+def batch_tokens(batch: dict, device: torch.device | str | None = None) -> torch.Tensor:
+    """The instruction's token embeddings of a batch, [B (or 1), T, L]: its `lang_tokens` tensor,
+    or its `instruction` strings encoded token by token by the frozen text encoder."""
+    if "lang_tokens" in batch:
+        tokens = torch.as_tensor(batch["lang_tokens"], dtype=torch.float32)
+    elif "instruction" in batch:
+        texts = batch["instruction"]
+        from .text import get_instruction_encoder  # lazy: loading MiniLM is slow
+        tokens = get_instruction_encoder().encode_tokens([texts] if isinstance(texts, str) else list(texts))
+    else:
+        raise ValueError("this VLA reads the instruction token by token (token_points=true): the batch needs "
+                         f"'instruction' (B strings) or 'lang_tokens' (f32 [B, T, {LANG_DIM}]), it has only "
+                         f"{sorted(batch)}")
+    return tokens.to(device) if device is not None else tokens
+
+
 class Backbone(nn.Module):
     """Image patches + a state token + a language token (+ optional query tokens) -> a pre-norm
     transformer -> the context (mean of the observation tokens) [B, W] and the queries' outputs."""
@@ -95,9 +113,10 @@ class Backbone(nn.Module):
                                             enable_nested_tensor=False)  # pre-norm layers cannot use it
 
     def forward(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
-                queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+                queries: torch.Tensor | None = None,
+                lang_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         """pixels uint8 [B, V, H, W, 3], state [B, P] (normalised), lang [B, L], queries [Q, W] or
-        None -> context [B, W], query outputs [B, Q, W] or None, and no language maps."""
+        None (lang_tokens: unused) -> context [B, W], query outputs [B, Q, W] or None, and no language maps."""
         b, v, h, w, _ = pixels.shape
         x = pixels.permute(0, 1, 4, 2, 3).reshape(b, v * 3, h, w).float() / 127.5 - 1.0
         tokens = torch.cat([self.stem(x).flatten(2).transpose(1, 2), self.state(state)[:, None],
@@ -149,7 +168,18 @@ class ConvBackbone(nn.Module):
         self.register_buffer("grid", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
         # Language points: the instruction writes 1x1 filters, so a point can follow "the blue cylinder"
         # or "the green pad" wherever it is, which fixed keypoints can only do through FiLM.
-        self.language_points = nn.Linear(LANG_DIM, cfg.language_points * c3) if cfg.language_points else None
+        self.language_points = self.point_queries = None
+        if cfg.token_points:
+            # Each point reads the instruction's tokens through its own attention query (zeros: it
+            # starts from their mean) and turns what it read into its filter. The pooled embedding
+            # blurs which colour is the pad's (a linear probe on it finds the pad's colour in 54-66%
+            # of held-out push-to-pad sentences, attention over the tokens in 100%); the trained
+            # VLA's points were no better for it (README, Results).
+            self.point_queries = nn.Parameter(torch.zeros(cfg.language_points, LANG_DIM))
+            bound = LANG_DIM ** -0.5  # nn.Linear's initial scale
+            self.point_filters = nn.Parameter(torch.empty(cfg.language_points, LANG_DIM, c3).uniform_(-bound, bound))
+        elif cfg.language_points:
+            self.language_points = nn.Linear(LANG_DIM, cfg.language_points * c3)
         self.coarse = nn.Conv2d(c3, 32, 3, stride=2, padding=1) if cfg.coarse else None
         # Where the language points lie relative to one another (object to pusher, pad to object):
         # what the action depends on, given directly rather than left for the head to subtract.
@@ -160,9 +190,11 @@ class ConvBackbone(nn.Module):
         self.head = nn.Sequential(nn.Linear(inputs, 2 * cfg.width), nn.SiLU(), nn.Linear(2 * cfg.width, cfg.width))
 
     def forward(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
-                queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """As `Backbone.forward`, and the language points' logits over the feature map's cells
-        [B, language_points, (H/4)·(W/4)] (None without language points)."""
+                queries: torch.Tensor | None = None, lang_tokens: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """As `Backbone.forward` (lang_tokens [B, T, L]: the instruction's, needed with token_points), and
+        the language points' logits over the feature map's cells [B, language_points, (H/4)·(W/4)]
+        (None without language points)."""
         b, v, h, w, _ = pixels.shape
         x = pixels.permute(0, 1, 4, 2, 3).reshape(b, v * 3, h, w).float() / 127.5 - 1.0
         films = self.film(lang).split([2 * c for c in self.channels], dim=1)
@@ -172,8 +204,8 @@ class ConvBackbone(nn.Module):
         # [B, keypoints, cells]: no rows without free keypoints
         maps = self.keypoint_maps(x).flatten(2) if self.keypoint_maps is not None else x.flatten(2)[:, :0]
         named = None
-        if self.language_points is not None:
-            filters = self.language_points(lang).view(b, -1, x.shape[1])  # [B, language_points, C]
+        if self.language_points is not None or self.point_queries is not None:
+            filters = self._point_filters(lang, lang_tokens).view(b, -1, x.shape[1])  # [B, language_points, C]
             named = filters @ x.flatten(2) / math.sqrt(x.shape[1])
             maps = torch.cat([maps, named], dim=1)
         keypoints = torch.softmax(maps, dim=-1) @ self.grid  # [B, keypoints (+ language points), 2]
@@ -182,6 +214,19 @@ class ConvBackbone(nn.Module):
         coarse = [F.silu(self.coarse(x)).flatten(1)] if self.coarse is not None else []
         context = self.head(torch.cat([keypoints.flatten(1), relations.flatten(1), *coarse, state, lang], dim=1))
         return context, (context[:, None] + queries if queries is not None else None), named
+
+    def _point_filters(self, lang: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        """The language points' 1x1 filters [B, language_points, C], from the pooled instruction
+        embedding, or with token_points from its tokens [B, T, L]."""
+        if self.point_queries is None:
+            return self.language_points(lang)
+        if tokens is None or tokens.ndim != 3 or tokens.shape[0] != len(lang) or tokens.shape[2] != LANG_DIM:
+            got = list(tokens.shape) if tokens is not None else None
+            raise ValueError(f"token_points needs the instruction's tokens [B, T, L] = [{len(lang)}, T, {LANG_DIM}] "
+                             f"(InstructionEncoder.encode_tokens), got {got}")
+        scores = (tokens @ self.point_queries.T).transpose(1, 2)  # [B, points, T]
+        scores = scores.masked_fill(~token_mask(tokens)[:, None], float("-inf"))
+        return torch.einsum("bpl,plc->bpc", scores.softmax(-1) @ tokens, self.point_filters)
 
 
 def heatmap(points: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -261,6 +306,9 @@ class VLA(nn.Module):
         if cfg.where_weight > 0 and (cfg.backbone != "cnn" or cfg.language_points < 1):
             raise ValueError("the where auxiliary trains the language points: it needs backbone=cnn and "
                              f"language_points ≥ 1, got backbone={cfg.backbone}, language_points={cfg.language_points}")
+        if cfg.token_points and (cfg.backbone != "cnn" or cfg.language_points < 1):
+            raise ValueError("token_points writes the language points' filters: it needs backbone=cnn and "
+                             f"language_points ≥ 1, got backbone={cfg.backbone}, language_points={cfg.language_points}")
         for name, dim in (("action", cfg.action_dim), ("state", cfg.state_dim)):
             self.register_buffer(f"{name}_mean", torch.zeros(dim))
             self.register_buffer(f"{name}_std", torch.ones(dim))
@@ -291,14 +339,15 @@ class VLA(nn.Module):
 
     def forward(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor, actions: torch.Tensor,
                 future_latents: torch.Tensor | None = None, where: torch.Tensor | None = None,
-                action_pad: torch.Tensor | None = None,
+                action_pad: torch.Tensor | None = None, lang_tokens: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The training losses. pixels uint8 [B, V, H, W, 3], state [B, P], lang [B, L], actions
         [B, K, A] (raw), action_pad bool [B, K] (True: a copy past the episode's end, left out of
         the flow loss; `WindowSampler(pad_end=True)`), future_latents [B, aux_horizon, D] (targets:
         the world model's sg[f̄] of the next chunks' end frames), where [B, P, 2] (targets for the
         first P ≤ language_points points: where the pusher and the things the instruction names
-        appear in the image, (u, v) in [-1, 1], NaN if unseen) -> {"flow", "loss"} (+ "jepa" when
+        appear in the image, (u, v) in [-1, 1], NaN if unseen), lang_tokens [B, T, L] (the
+        instruction's tokens, `InstructionEncoder.encode_tokens`; needed with token_points) -> {"flow", "loss"} (+ "jepa" when
         aux_weight > 0, "where" when where_weight > 0, and their targets are given). τ ~ U(0, 1) and ε ~ N(0, I)
         come from `generator`. Rows whose actions are NaN are not demonstrations: they train only
         the "where" auxiliary (points whose `where` is NaN do not).
@@ -321,7 +370,7 @@ class VLA(nn.Module):
             raise ValueError(f"future_latents must be [B, aux_horizon, latent_dim] = [{len(pixels)}, "
                              f"{cfg.aux_horizon}, {cfg.latent_dim}], got {list(future_latents.shape)}")
         context, query_out, named = self.backbone(pixels, self._norm_state(state), lang,
-                                                  self.aux_queries if aux else None)
+                                                  self.aux_queries if aux else None, lang_tokens)
         # Several (τ, ε) draws per demonstration: the backbone, most of a step's cost, runs once for
         # all of them, and the flow loss (its noisiest part) averages over more draws.
         m = cfg.flow_samples
@@ -355,18 +404,20 @@ class VLA(nn.Module):
                 losses["loss"] = losses["loss"] + cfg.where_weight * losses["where"]
         return losses
 
-    def latent_actions(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
+    def latent_actions(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
+                       lang_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """The auxiliary's prediction of the next aux_horizon target latents [B, aux_horizon, D],
         from the current observation and instruction only."""
         self._check(pixels, state, lang)
-        return self.aux_head(self.backbone(pixels, self._norm_state(state), lang, self.aux_queries)[1])
+        return self.aux_head(self.backbone(pixels, self._norm_state(state), lang, self.aux_queries, lang_tokens)[1])
 
     @torch.no_grad()
-    def locate(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
+    def locate(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
+               lang_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Where the language points are [B, language_points, 2], (u, v) in [-1, 1] of the first
         camera's image: with the where auxiliary, the pusher and the things the instruction names."""
         self._check(pixels, state, lang)
-        named = self.backbone(pixels, self._norm_state(state), lang)[2]
+        named = self.backbone(pixels, self._norm_state(state), lang, None, lang_tokens)[2]
         if named is None:
             raise ValueError("this VLA has no language points (backbone=cnn with language_points ≥ 1 has them)")
         return named.softmax(-1) @ self.backbone.grid
@@ -376,15 +427,18 @@ class VLA(nn.Module):
     @torch.no_grad()
     def sample_chunks(self, batch: dict, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n chunks per observation: batch {pixels uint8 [B, V, H, W, 3], state [B, P], and lang [B or
-        1, L] or instruction (B strings or one)} -> [B, n, K, A] in the env's bounds [-1, 1]."""
+        1, L] or instruction (B strings or one); with token_points also lang_tokens [B or 1, T, L]
+        or instruction} -> [B, n, K, A] in the env's bounds [-1, 1]."""
         if n < 1:
             raise ValueError(f"n (chunks per observation) must be ≥ 1, got {n}")
         pixels, state = batch.get("pixels"), batch.get("state")
         lang = batch_language(batch, self.action_mean.device)
+        tokens = batch_tokens(batch, self.action_mean.device) if self.cfg.token_points else None
         if isinstance(pixels, torch.Tensor) and len(lang) == 1:  # one instruction for every observation
             lang = lang.expand(len(pixels), -1)
+            tokens = tokens.expand(len(pixels), -1, -1) if tokens is not None and len(tokens) == 1 else tokens
         self._check(pixels, state, lang)
-        context = self.backbone(pixels, self._norm_state(state), lang)[0]  # once per observation
+        context = self.backbone(pixels, self._norm_state(state), lang, None, tokens)[0]  # once per observation
         b, k, a_dim = len(pixels), self.cfg.chunk, self.cfg.action_dim
         x = torch.randn(b, n, k * a_dim, generator=generator, device=context.device)
         steps = self.cfg.flow_steps

@@ -124,7 +124,7 @@ class ForesightController:
         self._frames: deque = deque(maxlen=self.chunk * (self.history - 1) + 1)
         self._queue: deque = deque()
         self._plan: torch.Tensor | None = None
-        self.lang = self._goal_latent = None
+        self.lang = self.lang_tokens = self._goal_latent = None
 
     def _optimizer(self):
         cfg = self.cfg
@@ -144,6 +144,9 @@ class ForesightController:
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError("reset needs the instruction as a non-empty string")
         self.lang = self.text.encode([instruction])
+        # A VLA whose language points read the instruction token by token (token_points) gets its tokens too.
+        self.lang_tokens = (self.text.encode_tokens([instruction])
+                            if self.vla is not None and self.vla.cfg.token_points else None)
         self._frames.clear()
         self._queue.clear()
         self._plan, self.last_plan, self._goal_latent = None, None, None
@@ -172,6 +175,8 @@ class ForesightController:
         start = time.perf_counter()
         pixels, state = self._frames[-1]
         batch = {"pixels": pixels[None], "state": state[None], "lang": self.lang}
+        if self.lang_tokens is not None:
+            batch["lang_tokens"] = self.lang_tokens
         chunks = self.vla.sample_chunks(batch, cfg.vla_samples if cfg.mode != "vla" else 1,
                                         self.generator)[0] if cfg.uses_vla else None  # [N, K, A]
         if cfg.mode == "vla":

