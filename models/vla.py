@@ -69,32 +69,29 @@ class VLAConfig:
 def batch_language(batch: dict, device: torch.device | str | None = None) -> torch.Tensor:
     """The instruction embedding ℓ of a batch, [B, L] (or [1, L] for one instruction string): its
     `lang` tensor, or its `instruction` strings encoded by the frozen text encoder."""
-    if "lang" in batch:
-        lang = torch.as_tensor(batch["lang"], dtype=torch.float32)
-    elif "instruction" in batch:
-        texts = batch["instruction"]
-        from .text import get_instruction_encoder  # lazy: loading MiniLM is slow
-        lang = get_instruction_encoder().encode([texts] if isinstance(texts, str) else list(texts))
-    else:
-        raise ValueError(f"the batch has neither 'lang' (f32 [B, {LANG_DIM}]) nor 'instruction' (list of B "
-                         f"strings), only {sorted(batch)}; add one of them")
-    return lang.to(device) if device is not None else lang
+    return _instruction_input(batch, "lang", "encode", device,
+                              f"the batch has neither 'lang' (f32 [B, {LANG_DIM}]) nor 'instruction' (list of B strings)")
 
 
 def batch_tokens(batch: dict, device: torch.device | str | None = None) -> torch.Tensor:
     """The instruction's token embeddings of a batch, [B (or 1), T, L]: its `lang_tokens` tensor,
     or its `instruction` strings encoded token by token by the frozen text encoder."""
-    if "lang_tokens" in batch:
-        tokens = torch.as_tensor(batch["lang_tokens"], dtype=torch.float32)
+    return _instruction_input(batch, "lang_tokens", "encode_tokens", device,
+                              "this VLA reads the instruction token by token (token_points=true): the batch needs "
+                              f"'instruction' (B strings) or 'lang_tokens' (f32 [B, T, {LANG_DIM}])")
+
+
+def _instruction_input(batch: dict, key: str, method: str, device, missing: str) -> torch.Tensor:
+    """batch[key] as f32, or the batch's `instruction` strings through the text encoder's `method`."""
+    if key in batch:
+        out = torch.as_tensor(batch[key], dtype=torch.float32)
     elif "instruction" in batch:
         texts = batch["instruction"]
         from .text import get_instruction_encoder  # lazy: loading MiniLM is slow
-        tokens = get_instruction_encoder().encode_tokens([texts] if isinstance(texts, str) else list(texts))
+        out = getattr(get_instruction_encoder(), method)([texts] if isinstance(texts, str) else list(texts))
     else:
-        raise ValueError("this VLA reads the instruction token by token (token_points=true): the batch needs "
-                         f"'instruction' (B strings) or 'lang_tokens' (f32 [B, T, {LANG_DIM}]), it has only "
-                         f"{sorted(batch)}")
-    return tokens.to(device) if device is not None else tokens
+        raise ValueError(f"{missing}; it has only {sorted(batch)}: add one of them")
+    return out.to(device) if device is not None else out
 
 
 class Backbone(nn.Module):
