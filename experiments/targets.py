@@ -44,17 +44,20 @@ def open_dataset(path: str) -> EpisodeDataset:
 
 def instruction_table(ds: EpisodeDataset) -> tuple[torch.Tensor, torch.Tensor]:
     """Per episode: the instruction embedding [E, L] and an id per distinct text [E]."""
-    texts = sorted(set(ds.instructions))
-    emb = get_instruction_encoder().encode(texts)
-    ids = torch.tensor([texts.index(s) for s in ds.instructions])
-    return emb[ids], ids
+    texts, ids = _distinct_instructions(ds)
+    return get_instruction_encoder().encode(texts)[ids], ids
 
 
 def instruction_tokens(ds: EpisodeDataset) -> torch.Tensor:
     """Per episode: the instruction's token embeddings [E, T, L], zero-padded (for token_points)."""
+    texts, ids = _distinct_instructions(ds)
+    return get_instruction_encoder().encode_tokens(texts)[ids]
+
+
+def _distinct_instructions(ds: EpisodeDataset) -> tuple[list[str], torch.Tensor]:
+    """The dataset's distinct instruction texts, sorted, and each episode's index among them [E]."""
     texts = sorted(set(ds.instructions))
-    tokens = get_instruction_encoder().encode_tokens(texts)
-    return tokens[torch.tensor([texts.index(s) for s in ds.instructions])]
+    return texts, torch.tensor([texts.index(s) for s in ds.instructions])
 
 
 def _build(seed: int, make):

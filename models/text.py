@@ -77,7 +77,6 @@ class InstructionEncoder:
             return torch.empty(0, DIM)
         return torch.stack([self._cache[t] for t in texts])
 
-
     def encode_tokens(self, texts: Sequence[str]) -> torch.Tensor:
         """The contextual embedding of every token of `texts` (MiniLM's last layer, before pooling),
         each row of unit L2 norm, as f32 `[B, T, 384]` with T the longest text's token count; the
@@ -94,11 +93,7 @@ class InstructionEncoder:
                 self._token_cache[text] = F.normalize(rows.float().cpu(), dim=-1).clone()
         if not texts:
             return torch.empty(0, 0, DIM)
-        rows = [self._token_cache[t] for t in texts]
-        out = torch.zeros(len(rows), max(len(r) for r in rows), DIM)
-        for i, r in enumerate(rows):
-            out[i, :len(r)] = r
-        return out
+        return torch.nn.utils.rnn.pad_sequence([self._token_cache[t] for t in texts], batch_first=True)
 
 
 def token_mask(tokens: torch.Tensor) -> torch.Tensor:
