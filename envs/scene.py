@@ -89,9 +89,15 @@ def image_coords(points, camera: str = "top") -> np.ndarray:
     return focal * np.stack([cam[..., 0], -cam[..., 1]], axis=-1) / -cam[..., 2:3]
 
 
+# What the lights make of a colour on a face turned up to the top camera (measured: ~1.6).
+LIGHT_GAIN = 1.5
+
+
 def pad_rgb(colour: str) -> tuple[float, float, float]:
-    """Pads are a paler tint of their colour so an object resting on one stays visible."""
-    return tuple(0.6 * c + 0.4 for c in COLOURS[colour])
+    """Pads are a paler tint of their colour so an object resting on one stays visible. The tint
+    is divided by the light gain so the camera sees it rather than white: undivided, the orange
+    and yellow pads both rendered as (255, 255, ~170) and no pixel told them apart."""
+    return tuple((0.6 * c + 0.4) / LIGHT_GAIN for c in COLOURS[colour])
 
 
 def build_spec(max_image_size: int = 640) -> mujoco.MjSpec:

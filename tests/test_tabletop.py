@@ -9,7 +9,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import envs
-from envs.scene import OBJECT_HALF, PAD_RADIUS
+from envs.scene import COLOURS, OBJECT_HALF, PAD_RADIUS, TABLE_RGB, image_coords
 from envs.tasks import (TEMPLATES, TOUCH_DISTANCE, Subgoal, advance,
                         in_region, subgoal_met)
 
@@ -79,6 +79,27 @@ def test_every_family_appears_and_objects_have_distinct_colours(env):
         assert 1 <= len(colours) <= 4
         assert not info["is_success"], "no task may start already solved"
     assert seen == set(envs.FAMILIES)
+
+
+def test_the_camera_tells_every_pad_colour_apart_and_from_the_table():
+    env = gym.make(envs.TABLETOP_ID, image_size=64)
+    seen = {}
+    for seed in range(60):
+        obs, info = env.reset(seed=seed)
+        img = obs["pixels"]["top"].astype(float)
+        uv = image_coords(np.c_[info["pad_pos"], np.zeros(len(info["pad_pos"]))])
+        for (u, v), colour in zip(uv, info["task"]["pads"]):
+            x, y = np.round((np.array([u, v]) + 1) / 2 * 64 - 0.5).astype(int)
+            seen.setdefault(colour, img[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3).mean(0))
+    env.close()
+    assert set(seen) == set(COLOURS)
+    table = np.array(TABLE_RGB) * 255
+    for a in seen:
+        assert np.linalg.norm(seen[a] - table) > 30, f"the {a} pad is hardly visible on the table"
+        for b in seen:
+            if a < b:
+                gap = np.linalg.norm(seen[a] - seen[b])
+                assert gap > 30, f"{a} and {b} pads render {gap:.0f} levels apart: {seen[a]}, {seen[b]}"
 
 
 def test_instruction_splits_use_disjoint_paraphrases(env):
