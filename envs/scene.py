@@ -89,7 +89,7 @@ def image_coords(points, camera: str = "top") -> np.ndarray:
     return focal * np.stack([cam[..., 0], -cam[..., 1]], axis=-1) / -cam[..., 2:3]
 
 
-# What the lights make of a colour on a face turned up to the top camera (measured: ~1.6).
+# What the lights make of a colour on a face turned up to the top camera (measured: 1.5-1.6).
 LIGHT_GAIN = 1.5
 
 
