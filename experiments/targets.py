@@ -57,7 +57,8 @@ def instruction_tokens(ds: EpisodeDataset) -> torch.Tensor:
 def _distinct_instructions(ds: EpisodeDataset) -> tuple[list[str], torch.Tensor]:
     """The dataset's distinct instruction texts, sorted, and each episode's index among them [E]."""
     texts = sorted(set(ds.instructions))
-    return texts, torch.tensor([texts.index(s) for s in ds.instructions])
+    index = {text: i for i, text in enumerate(texts)}
+    return texts, torch.tensor([index[s] for s in ds.instructions])
 
 
 def _build(seed: int, make):
