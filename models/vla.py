@@ -137,7 +137,8 @@ class Backbone(nn.Module):
                 queries: torch.Tensor | None = None, lang_tokens: torch.Tensor | None = None,
                 true_points: None = None, head_lang: None = None) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         """pixels uint8 [B, V, H, W, 3], state [B, P] (normalised), lang [B, L], queries [Q, W] or
-        None (lang_tokens, true_points, head_lang: unused, it has no points and no head) -> context [B, W], query outputs [B, Q, W] or None, and no language maps."""
+        None (lang_tokens, true_points, head_lang: unused, it has no points and no head) -> context
+        [B, W], query outputs [B, Q, W] or None, and no language maps."""
         b, v, h, w, _ = pixels.shape
         x = pixels.permute(0, 1, 4, 2, 3).reshape(b, v * 3, h, w).float() / 127.5 - 1.0
         tokens = torch.cat([self.stem(x).flatten(2).transpose(1, 2), self.state(state)[:, None],
@@ -491,6 +492,17 @@ class VLA(nn.Module):
             x = x + self.expert(x, cond[rows], mod[rows]) / steps
         actions = x.view(b, n, k, a_dim) * self.action_std + self.action_mean
         return actions.clamp(-1.0, 1.0)
+
+    def instruction_inputs(self, instruction: str, encoder) -> dict[str, torch.Tensor]:
+        """What this VLA reads of one instruction besides its pooled embedding, for a caller that
+        encodes it once per episode with `encoder`: lang_tokens with token_points, head_lang with
+        blank_words."""
+        out = {}
+        if self.cfg.token_points:
+            out["lang_tokens"] = encoder.encode_tokens([instruction])
+        if self.cfg.blank_words:
+            out["head_lang"] = encoder.encode([blank(instruction, self.cfg.blank_words)])
+        return out
 
     def predict_action_chunk(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """One chunk per observation [B, K, A]."""

@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models.vla import blank
-
 from .objective import CostConfig, Goal, Objective
 from .optimizers import NevergradOptimizer, PlanResult, Proposal, SamplerConfig, SamplingOptimizer
 
@@ -126,7 +124,8 @@ class ForesightController:
         self._frames: deque = deque(maxlen=self.chunk * (self.history - 1) + 1)
         self._queue: deque = deque()
         self._plan: torch.Tensor | None = None
-        self.lang = self.lang_tokens = self.head_lang = self._goal_latent = None
+        self.lang = self._goal_latent = None
+        self.vla_language: dict[str, torch.Tensor] = {}
 
     def _optimizer(self):
         cfg = self.cfg
@@ -146,12 +145,7 @@ class ForesightController:
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError("reset needs the instruction as a non-empty string")
         self.lang = self.text.encode([instruction])
-        # A VLA whose language points read the instruction token by token (token_points) gets its tokens too.
-        self.lang_tokens = (self.text.encode_tokens([instruction])
-                            if self.vla is not None and self.vla.cfg.token_points else None)
-        # One whose policy head reads the instruction with the names of things blanked gets that too.
-        self.head_lang = (self.text.encode([blank(instruction, self.vla.cfg.blank_words)])
-                          if self.vla is not None and self.vla.cfg.blank_words else None)
+        self.vla_language = self.vla.instruction_inputs(instruction, self.text) if self.vla is not None else {}
         self._frames.clear()
         self._queue.clear()
         self._plan, self.last_plan, self._goal_latent = None, None, None
@@ -179,11 +173,7 @@ class ForesightController:
         cfg = self.cfg
         start = time.perf_counter()
         pixels, state = self._frames[-1]
-        batch = {"pixels": pixels[None], "state": state[None], "lang": self.lang}
-        if self.lang_tokens is not None:
-            batch["lang_tokens"] = self.lang_tokens
-        if self.head_lang is not None:
-            batch["head_lang"] = self.head_lang
+        batch = {"pixels": pixels[None], "state": state[None], "lang": self.lang, **self.vla_language}
         chunks = self.vla.sample_chunks(batch, cfg.vla_samples if cfg.mode != "vla" else 1,
                                         self.generator)[0] if cfg.uses_vla else None  # [N, K, A]
         if cfg.mode == "vla":
