@@ -477,13 +477,26 @@ class VLATarget:
                                  f"{self.train_ds.frames['pixels'].shape[3]}: turn it off for this dataset")
             self.symmetric = np.array([self.train_ds.task(i)["family"] in SYMMETRIC_FAMILIES
                                        for i in range(len(self.train_ds))])
+        self.perception_batch = t.get("perception_batch")
+        if self.perception_batch is not None:
+            m = self.model_cfg
+            if not (m.true_points and m.keypoints == 0 and not m.coarse and not t.get("where_frames")
+                    and not t.get("symmetry") and 1 <= self.perception_batch <= t.batch):
+                raise ValueError(f"target.perception_batch={self.perception_batch} (the frames of a step's "
+                                 f"{t.batch} the CNN sees) must lie in 1..target.batch, and needs a policy that "
+                                 f"reads no pixels in training (model.true_points=true, model.keypoints=0, "
+                                 f"model.coarse=false) and neither target.where_frames nor target.symmetry; "
+                                 f"or set it to null")
         if t.get("where_frames"):
             self.perception_sampler = WindowSampler(self.train_ds, history=1, horizon=1, chunk=self.model_cfg.chunk,
                                                     pad_end=True)
         self.eval_batch = self._batch(1, np.random.default_rng(0), t.eval_windows)
 
     def _batch(self, split: int, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
-        w, out = self._windows(self.samplers[split], split, rng, size, demonstrations=True)
+        # With perception_batch, only the first windows' pixels (in proportion on each of several processes).
+        seen = size if split == 1 or self.perception_batch is None else \
+            max(1, round(self.perception_batch * size / self.cfg.target.batch))
+        w, out = self._windows(self.samplers[split], split, rng, size, demonstrations=True, seen=seen)
         if self.world_model is not None:
             out["future_latents"] = self.world_model.encode_target(torch.from_numpy(w.future_pixels),
                                                                    torch.from_numpy(w.future_state))
@@ -497,16 +510,20 @@ class VLATarget:
         return out
 
     def _windows(self, sampler: WindowSampler, split: int, rng: np.random.Generator, size: int,
-                 demonstrations: bool):
-        """`size` windows of `sampler` as model inputs (NaN actions unless `demonstrations`)."""
+                 demonstrations: bool, seen: int | None = None):
+        """`size` windows of `sampler` as model inputs (NaN actions unless `demonstrations`), the
+        pixels of only the first `seen` (default: all)."""
         w = sampler.sample(rng, size)
-        pixels, state, actions, moved = w.pixels[:, -1], w.state[:, -1], w.actions[:, 0], np.zeros((len(w.t), 2))
+        seen = size if seen is None else seen
+        pixels, state, actions, moved = w.pixels[:seen, -1], w.state[:, -1], w.actions[:, 0], np.zeros((size, 2))
         where = self.where[split][sampler.ds.starts[w.episode] + w.t] if self.where else None
         if split == 0 and self.symmetric is not None:
             which = np.where(self.symmetric[w.episode], rng.integers(0, 8, size=len(w.t)), 0)
             pixels, state, actions, where = table_symmetry(pixels, state, actions, where, which)
         if split == 0 and self.cfg.target.get("shift"):
-            pixels, moved = random_shift(pixels, int(self.cfg.target.shift), rng)
+            pad = int(self.cfg.target.shift)
+            pixels, moved[:seen] = random_shift(pixels, pad, rng)
+            moved[seen:] = rng.integers(-pad, pad + 1, size=(size - seen, 2))  # unseen rows' points move alike
         actions = torch.from_numpy(actions)
         out = {"pixels": torch.from_numpy(pixels), "state": torch.from_numpy(state),
                "lang": self.langs[split][torch.from_numpy(w.episode)],

@@ -182,7 +182,7 @@ class ConvBackbone(nn.Module):
         if cfg.keypoints < 0 or cfg.keypoints + cfg.language_points < 1:
             raise ValueError(f"the cnn needs at least one point: keypoints ({cfg.keypoints}) + language_points "
                              f"({cfg.language_points}) must be ≥ 1, and neither negative")
-        self.n_keypoints = cfg.keypoints
+        self.n_keypoints, self.n_language = cfg.keypoints, cfg.language_points
         self.keypoint_maps = nn.Conv2d(c3, cfg.keypoints, 1) if cfg.keypoints else None
         cells = cfg.image_size // 4
         side = (torch.arange(cells) + 0.5) / cells * 2 - 1  # cell centres in image coordinates [-1, 1]
@@ -217,31 +217,42 @@ class ConvBackbone(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """As `Backbone.forward` (lang_tokens [B, T, L]: the instruction's, needed with token_points), and
         the language points' logits over the feature map's cells [B, language_points, (H/4)·(W/4)]
-        (None without language points). true_points [B, P, 2] (NaN: unknown) replace the first P
-        located language points in the context (teacher forcing); the others are detached. The head
-        reads head_lang [B, L] (the instruction with the names of things blanked) if given, else lang."""
-        b, v, h, w, _ = pixels.shape
-        x = pixels.permute(0, 1, 4, 2, 3).reshape(b, v * 3, h, w).float() / 127.5 - 1.0
-        films = self.film(lang).split([2 * c for c in self.channels], dim=1)
-        for conv, norm, film in zip(self.convs, self.norms, films):
-            scale, shift = film[:, :, None, None].chunk(2, dim=1)
-            x = F.silu(norm(conv(x)) * (1 + scale) + shift)
-        # [B, keypoints, cells]: no rows without free keypoints
-        maps = self.keypoint_maps(x).flatten(2) if self.keypoint_maps is not None else x.flatten(2)[:, :0]
-        named = None
-        if self.language_points is not None or self.point_queries is not None:
-            filters = self._point_filters(lang, lang_tokens).view(b, -1, x.shape[1])  # [B, language_points, C]
-            named = filters @ x.flatten(2) / math.sqrt(x.shape[1])
-            maps = torch.cat([maps, named], dim=1)
-        keypoints = torch.softmax(maps, dim=-1) @ self.grid  # [B, keypoints (+ language points), 2]
-        points = keypoints[:, self.n_keypoints:]
+        (None without language points). The head reads head_lang [B, L] (the instruction with the
+        names of things blanked) if given, else lang.
+
+        true_points [B, P, 2] (teacher forcing): the context reads them in place of the located
+        language points, and the centre (0, 0) for those unknown (NaN, or past P): where the
+        soft-argmax of a flat map lies, and the where auxiliary trains the maps of unknown points
+        flat. The context then needs no pixels unless it reads free keypoints or the coarse map, so
+        pixels may cover only the first rows (the frames that train perception), or be None."""
+        b = len(state)
+        if (true_points is None or self.n_keypoints or self.coarse is not None) \
+                and (pixels is None or len(pixels) != b):
+            raise ValueError(f"pixels cover {0 if pixels is None else len(pixels)} of the {b} rows: only a context "
+                             f"from true_points alone (no free keypoints, no coarse map) may do without pixels")
+        named, coarse = None, []
+        if pixels is not None:
+            n, v, h, w, _ = pixels.shape
+            x = pixels.permute(0, 1, 4, 2, 3).reshape(n, v * 3, h, w).float() / 127.5 - 1.0
+            films = self.film(lang[:n]).split([2 * c for c in self.channels], dim=1)
+            for conv, norm, film in zip(self.convs, self.norms, films):
+                scale, shift = film[:, :, None, None].chunk(2, dim=1)
+                x = F.silu(norm(conv(x)) * (1 + scale) + shift)
+            # [n, keypoints, cells]: no rows without free keypoints
+            maps = self.keypoint_maps(x).flatten(2) if self.keypoint_maps is not None else x.flatten(2)[:, :0]
+            if self.language_points is not None or self.point_queries is not None:
+                tokens = lang_tokens[:n] if lang_tokens is not None else None
+                filters = self._point_filters(lang[:n], tokens).view(n, -1, x.shape[1])  # [n, language_points, C]
+                named = filters @ x.flatten(2) / math.sqrt(x.shape[1])
+                maps = torch.cat([maps, named], dim=1)
+            keypoints = torch.softmax(maps, dim=-1) @ self.grid  # [n, keypoints (+ language points), 2]
+            coarse = [F.silu(self.coarse(x)).flatten(1)] if self.coarse is not None else []
         if true_points is not None:
-            known = F.pad(torch.isfinite(true_points).all(2), (0, points.shape[1] - true_points.shape[1]))
-            truth = F.pad(true_points.nan_to_num(), (0, 0, 0, points.shape[1] - true_points.shape[1]))
-            points = torch.where(known[..., None], truth, points.detach())
-            keypoints = torch.cat([keypoints[:, :self.n_keypoints], points], dim=1)
+            taught = F.pad(true_points, (0, 0, 0, self.n_language - true_points.shape[1]), value=float("nan"))
+            free = keypoints[:, :self.n_keypoints] if self.n_keypoints else state.new_zeros(b, 0, 2)
+            keypoints = torch.cat([free, taught.nan_to_num(0.0)], dim=1)
+        points = keypoints[:, self.n_keypoints:]
         relations = points[:, self.pairs[0]] - points[:, self.pairs[1]]  # [B, pairs, 2]
-        coarse = [F.silu(self.coarse(x)).flatten(1)] if self.coarse is not None else []
         context = self.head(torch.cat([keypoints.flatten(1), relations.flatten(1), *coarse, state,
                                          lang if head_lang is None else head_lang], dim=1))
         return context, (context[:, None] + queries if queries is not None else None), named
@@ -386,7 +397,9 @@ class VLA(nn.Module):
         [B, L] (the instruction with blank_words blanked, encoded; needed with blank_words) -> {"flow", "loss"} (+ "jepa" when
         aux_weight > 0, "where" when where_weight > 0, and their targets are given). τ ~ U(0, 1) and ε ~ N(0, I)
         come from `generator`. Rows whose actions are NaN are not demonstrations: they train only
-        the "where" auxiliary (points whose `where` is NaN do not).
+        the "where" auxiliary (points whose `where` is NaN do not). With true_points the policy reads
+        no pixels in training, so pixels may cover only the first n ≤ B rows: the CNN and the "where"
+        auxiliary see those, the policy learns from all B (a step's cost is mostly the CNN's).
 
         The "where" auxiliary is privileged supervision at training time only (the policy never
         reads positions): the i-th language point's map is trained, by cross-entropy, to peak on the
@@ -394,16 +407,20 @@ class VLA(nn.Module):
         matching alone learns slowly from a few hundred push demonstrations. A heatmap target
         generalises to unseen scenes far better than regressing positions from the context did."""
         cfg = self.cfg
-        self._check(pixels, state, lang)
-        if actions.shape != (len(pixels), cfg.chunk, cfg.action_dim):
-            raise ValueError(f"actions must be [B, K, A] = [{len(pixels)}, {cfg.chunk}, {cfg.action_dim}], "
+        b = len(state)
+        self._check(pixels, state[:len(pixels)], lang[:len(pixels)])
+        if len(pixels) > b or len(lang) != b:
+            raise ValueError(f"state and lang must have a row per window ({b}), and pixels at most that many; "
+                             f"got state {b}, lang {len(lang)}, pixels {len(pixels)}")
+        if actions.shape != (b, cfg.chunk, cfg.action_dim):
+            raise ValueError(f"actions must be [B, K, A] = [{b}, {cfg.chunk}, {cfg.action_dim}], "
                              f"got {list(actions.shape)}")
         demo = torch.isfinite(actions).flatten(1).all(1)
         if not demo.any():
             raise ValueError("no row of the batch has finite actions: at least one demonstration is needed")
         aux = cfg.aux_weight > 0 and future_latents is not None
-        if aux and future_latents.shape != (len(pixels), cfg.aux_horizon, cfg.latent_dim):
-            raise ValueError(f"future_latents must be [B, aux_horizon, latent_dim] = [{len(pixels)}, "
+        if aux and future_latents.shape != (b, cfg.aux_horizon, cfg.latent_dim):
+            raise ValueError(f"future_latents must be [B, aux_horizon, latent_dim] = [{b}, "
                              f"{cfg.aux_horizon}, {cfg.latent_dim}], got {list(future_latents.shape)}")
         if cfg.true_points and where is None:
             raise ValueError("this VLA trains on the true points (true_points=true): pass where [B, P, 2]")
@@ -422,8 +439,8 @@ class VLA(nn.Module):
         cond = self.expert.condition(tau, context[demo].repeat_interleave(m, 0))
         error = (self.expert(a_tau, *cond) - (a - eps)) ** 2
         if action_pad is not None:
-            if action_pad.shape != (len(pixels), cfg.chunk):
-                raise ValueError(f"action_pad must be [B, K] = [{len(pixels)}, {cfg.chunk}], "
+            if action_pad.shape != (b, cfg.chunk):
+                raise ValueError(f"action_pad must be [B, K] = [{b}, {cfg.chunk}], "
                                  f"got {list(action_pad.shape)}")
             real = (~action_pad[demo]).repeat_interleave(cfg.action_dim, 1).repeat_interleave(m, 0)[:, None].float()
             losses = {"flow": (error * real).sum() / real.sum()}
@@ -434,14 +451,23 @@ class VLA(nn.Module):
             losses["jepa"] = F.mse_loss(self.aux_head(query_out[demo]), future_latents[demo])
             losses["loss"] = losses["loss"] + cfg.aux_weight * losses["jepa"]
         if cfg.where_weight > 0 and where is not None:
-            if where.ndim != 3 or where.shape[0] != len(pixels) or where.shape[2] != 2 \
+            if where.ndim != 3 or where.shape[0] != b or where.shape[2] != 2 \
                     or where.shape[1] > cfg.language_points:
-                raise ValueError(f"where must be [B, P, 2] with B = {len(pixels)} and P ≤ language_points "
+                raise ValueError(f"where must be [B, P, 2] with B = {b} and P ≤ language_points "
                                  f"({cfg.language_points}), got {list(where.shape)}")
-            known = torch.isfinite(where).all(2)  # [B, P]
-            if known.any():
-                logits = named[:, :where.shape[1]][known]  # [N, cells]
-                losses["where"] = -(heatmap(where[known], self.backbone.grid) * logits.log_softmax(-1)).sum(1).mean()
+            seen = where[:len(named)]  # the rows whose pixels the CNN saw
+            known = torch.isfinite(seen).all(2)  # [n, P]
+            log_maps = named.log_softmax(-1)  # [n, language_points, cells]
+            if cfg.true_points:
+                # The context reads the centre for unknown points (the backbone): their maps learn to be
+                # flat, whose soft-argmax is the centre, so that at test the head reads what it learnt on.
+                target = torch.full_like(log_maps, 1 / log_maps.shape[-1])
+                target[:, :seen.shape[1]][known] = heatmap(seen[known], self.backbone.grid)
+                losses["where"] = -(target * log_maps).sum() / known.sum().clamp_min(1)
+            elif known.any():
+                losses["where"] = -(heatmap(seen[known], self.backbone.grid)
+                                    * log_maps[:, :seen.shape[1]][known]).sum(1).mean()
+            if "where" in losses:
                 losses["loss"] = losses["loss"] + cfg.where_weight * losses["where"]
         return losses
 

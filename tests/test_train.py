@@ -19,7 +19,8 @@ from envs.experts import PUSHER_TOP
 from envs.scene import TABLE_RGB, image_coords
 from experiments.common import CONFIG_DIR
 from experiments.evaluate import evaluate, report
-from experiments.targets import first_of_each_family, named_point_targets, random_shift, table_symmetry
+from experiments.targets import (first_of_each_family, make_target, named_point_targets, random_shift,
+                                 table_symmetry)
 from experiments.train import train
 from models import WorldModel
 from models.checkpoint import load_checkpoint
@@ -163,6 +164,17 @@ def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary_and_fine_tun
     assert [family[i] for i in first_of_each_family(ds, np.arange(len(ds)), {"push_to_pad": 2})] == ["push_to_pad"] * 2
     with pytest.raises(ValueError, match=r"family_episodes names \['reach'\]"):
         train(config(tmp_path, tiny_dataset, *vla, "target.family_episodes={reach: 3}", tiny=COMMON), tmp_path / "bad")
+    # perception_batch: the CNN sees the pixels of the first 3 of a step's 8 windows, the policy
+    # learns from all 8 (from their true points); a context that reads free keypoints cannot.
+    fast = [o for o in vla if not o.startswith(("target.where_frames", "target.symmetry", "target.model.keypoints"))]
+    fast_cfg = config(tmp_path / "fast", tiny_dataset, *fast, "target.model.keypoints=0", "target.perception_batch=3",
+                      "target.steps=2", tiny=COMMON)
+    rows = make_target(fast_cfg).batch(np.random.default_rng(0), 8)
+    assert len(rows["pixels"]) == 3 and len(rows["state"]) == len(rows["actions"]) == len(rows["where"]) == 8
+    assert "where" in train(fast_cfg, tmp_path / "fast/run")
+    with pytest.raises(ValueError, match="target.perception_batch=3 .* model.keypoints=0"):
+        make_target(config(tmp_path / "fast", tiny_dataset, *fast, "target.model.keypoints=4",
+                           "target.perception_batch=3", tiny=COMMON))
     # Fine-tuning starts from the given weights: at lr 0 it ends with them unchanged.
     tuned = config(tmp_path / "tuned", tiny_dataset, *vla, "target.lr=0", "target.steps=2",
                    f"target.init={tmp_path}/out", tiny=COMMON)

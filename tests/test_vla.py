@@ -212,17 +212,41 @@ def test_true_points_feed_the_policy_the_targets_in_training_and_the_located_poi
     actions = torch.rand(4, cfg.chunk, cfg.action_dim, generator=gen(3)) * 2 - 1
     where = torch.rand(4, 3, 2, generator=gen(5)) * 1.6 - 0.8
 
-    def flow(batch, targets):
-        return model(batch["pixels"], b["state"], b["lang"], actions, where=targets, generator=gen(0))["flow"]
+    def losses(pixels, targets):
+        return model(pixels, b["state"], b["lang"], actions, where=targets, generator=gen(0))
 
-    # Every point known: the policy reads the targets, so the image does not move the flow loss...
-    torch.testing.assert_close(flow(b, where), flow(other, where))
-    # ...and an unknown point falls back to the located one, which the flow loss does not train.
+    # The policy reads the targets, so the image does not move the flow loss, and the flow loss
+    # does not train perception.
+    torch.testing.assert_close(losses(b["pixels"], where)["flow"], losses(other["pixels"], where)["flow"])
+    losses(b["pixels"], where)["flow"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.backbone.convs.parameters())
+    # An unknown point (NaN, or past the targets given) reads the centre, where a flat map's
+    # soft-argmax lies...
     partial = where.clone()
     partial[:, 2] = float("nan")
-    assert not torch.equal(flow(b, partial), flow(other, partial))
-    flow(b, partial).backward()
-    assert all(p.grad is None or not p.grad.any() for p in model.backbone.convs.parameters())
+    centred = where.clone()
+    centred[:, 2] = 0.0
+    torch.testing.assert_close(losses(b["pixels"], partial)["flow"], losses(b["pixels"], centred)["flow"])
+    torch.testing.assert_close(losses(b["pixels"], partial)["flow"], losses(b["pixels"], where[:, :2])["flow"])
+    # ...and the where auxiliary trains its map flat: a point whose filter is zero (a flat map) is
+    # taught nothing more, one whose filter is not is.
+    flat = copy.deepcopy(model)
+    filters, c = flat.backbone.language_points, flat.backbone.channels[-1]
+    for unknown_filter_is_zero in (False, True):
+        if unknown_filter_is_zero:
+            with torch.no_grad():
+                filters.weight[2 * c:].zero_()
+                filters.bias[2 * c:].zero_()
+        flat.zero_grad()
+        flat(b["pixels"], b["state"], b["lang"], actions, where=partial, generator=gen(0))["where"].backward()
+        assert filters.weight.grad[:2 * c].abs().sum() > 0
+        assert (filters.weight.grad[2 * c:].abs().sum() > 0) != unknown_filter_is_zero
+    # Pixels for only the first rows: perception learns from those, the policy from every row.
+    full, few = losses(b["pixels"], where), losses(b["pixels"][:2], where)
+    torch.testing.assert_close(few["flow"], full["flow"])
+    first = model(b["pixels"][:2], b["state"][:2], b["lang"][:2], actions[:2], where=where[:2], generator=gen(0))
+    torch.testing.assert_close(few["where"], first["where"])
+    assert not torch.isclose(few["where"], full["where"])
     # At test time the policy reads the points it located in the image.
     moved = {**b, "pixels": other["pixels"]}
     assert not torch.equal(model.sample_chunks(b, 2, gen(0)), model.sample_chunks(moved, 2, gen(0)))
@@ -230,6 +254,10 @@ def test_true_points_feed_the_policy_the_targets_in_training_and_the_located_poi
         model(b["pixels"], b["state"], b["lang"], actions)
     with pytest.raises(ValueError, match="needs where_weight > 0"):
         make(backbone="cnn", language_points=3, true_points=True)
+    # A context that reads free keypoints needs every row's pixels.
+    with pytest.raises(ValueError, match="pixels cover 2 of the 4 rows"):
+        make(where_weight=1.0, backbone="cnn", language_points=3, keypoints=4, coarse=False, true_points=True)(
+            b["pixels"][:2], b["state"], b["lang"], actions, where=where, generator=gen(0))
 
 
 @pytest.mark.parametrize("flow_samples", [1, 3])
