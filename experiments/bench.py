@@ -170,16 +170,20 @@ def bench_vla(args) -> dict[str, tuple[float, str]]:
     pixels = lambda b: torch.randint(0, 256, (b, cfg.cameras, cfg.image_size, cfg.image_size, 3),  # noqa: E731
                                      dtype=torch.uint8, generator=g)
     batch = {"pixels": pixels(1), "state": torch.randn(1, cfg.state_dim, generator=g),
-             "lang": torch.randn(1, 384, generator=g)}
+             "lang": torch.randn(1, 384, generator=g), "head_lang": torch.randn(1, 384, generator=g)}
     ms = {n: _median_time(lambda: model.sample_chunks(batch, n, g), args.min_time) * 1e3 for n in (1, 64)}
     out = {"sample_ms_n1": (ms[1], "ms for 1 chunk"), "sample_ms_n64": (ms[64], "ms for 64 chunks"),
            "ratio_n64_to_n1": (ms[64] / ms[1], "x")}
 
     train_model = VLA(cfg).train()
     b = args.train_batch
-    data = (pixels(b), torch.randn(b, cfg.state_dim, generator=g), torch.randn(b, 384, generator=g),
-            torch.rand(b, cfg.chunk, cfg.action_dim, generator=g) * 2 - 1)
-    out["train_samples_per_s"] = (b / _train_step_seconds(lambda: train_model(*data, generator=g)["loss"],
+    seen = b if args.perception_batch is None else args.perception_batch  # windows whose pixels the CNN sees
+    data = {"pixels": pixels(seen), "state": torch.randn(b, cfg.state_dim, generator=g),
+            "lang": torch.randn(b, 384, generator=g), "head_lang": torch.randn(b, 384, generator=g),
+            "actions": torch.rand(b, cfg.chunk, cfg.action_dim, generator=g) * 2 - 1}
+    if cfg.where_weight > 0:  # the where targets (the policy's points, with true_points)
+        data["where"] = torch.rand(b, cfg.language_points, 2, generator=g) * 1.6 - 0.8
+    out["train_samples_per_s"] = (b / _train_step_seconds(lambda: train_model(**data, generator=g)["loss"],
                                                             train_model, args.min_time), "samples/s")
     out["peak_rss_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MB")
     return out
@@ -369,6 +373,8 @@ def main(argv=None) -> None:
     parser.add_argument("--plan-horizon", type=int, default=4, help="world_model: chunks per rollout")
     parser.add_argument("--train-batch", type=int, default=64,
                         help="world_model, vla: windows (samples) per training step")
+    parser.add_argument("--perception-batch", type=int, default=None,
+                        help="vla: of those, the windows whose pixels the CNN sees (target.perception_batch; default: all)")
     parser.add_argument("--min-time", type=float, default=1.0, help="world_model, vla: seconds per timing")
     parser.add_argument("--vla-checkpoint", default="checkpoints/tabletop/vla",
                         help="vla: the model timed (a random-init cnn VLAConfig if it does not exist)")

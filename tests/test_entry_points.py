@@ -13,6 +13,7 @@ import pytest
 from experiments.common import wilson_interval
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(cmd, tmp_path, check=True):
@@ -75,10 +76,15 @@ def test_bench_world_model_suite_times_rollouts_and_counts_their_flops(tmp_path)
     assert 0 < metrics["fraction_of_matmul_peak"]["median"] < 2
 
 
-def test_bench_vla_suite_times_one_and_64_chunks_and_training(tmp_path):
+@pytest.mark.parametrize("checkpoint", ["none", "shipped"])
+def test_bench_vla_suite_times_one_and_64_chunks_and_training(tmp_path, checkpoint):
+    """A random-init VLA, and the shipped one, whose training step needs the where targets and
+    whose CNN sees only the first of a step's windows."""
     out = tmp_path / "vla.json"
-    run(["foresight-bench", "vla", "--repeats", "1", "--train-batch", "2", "--min-time", "0.01",
-         "--vla-checkpoint", "none", "--out", str(out)], tmp_path)
+    model = ["--vla-checkpoint", "none"] if checkpoint == "none" else [
+        "--vla-checkpoint", str(ROOT / "checkpoints/tabletop/vla"), "--perception-batch", "1"]
+    run(["foresight-bench", "vla", "--repeats", "1", "--train-batch", "2", "--min-time", "0.01", *model,
+         "--out", str(out)], tmp_path)
     metrics = json.loads(out.read_text())["metrics"]
     for name in ("sample_ms_n1", "sample_ms_n64", "ratio_n64_to_n1", "train_samples_per_s", "peak_rss_mb"):
         assert math.isfinite(metrics[name]["median"]) and metrics[name]["median"] > 0, name
