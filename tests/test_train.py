@@ -147,6 +147,7 @@ def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary_and_fine_tun
     vla = ["target=vla", "target.policies=[mixed]", "target.eval_policies=[mixed]", "target.labels=expert",
            "target.model.where_weight=1.0", "target.where_frames=4", "target.symmetry=true",
            "target.model.true_points=true", "target.blank_names=true", "target.model.width=32", "target.model.keypoints=4",
+           "target.perception_batch=null",  # free keypoints: every window through the CNN
            "target.model.expert_width=32", "target.model.expert_blocks=1", "target.eval_windows=8"]
     cfg = config(tmp_path, tiny_dataset, *vla, "target.steps=6", "target.eval_every=6", tiny=COMMON)
     final = train(cfg, tmp_path / "run")
@@ -166,7 +167,8 @@ def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary_and_fine_tun
         train(config(tmp_path, tiny_dataset, *vla, "target.family_episodes={reach: 3}", tiny=COMMON), tmp_path / "bad")
     # perception_batch: the CNN sees the pixels of the first 3 of a step's 8 windows, the policy
     # learns from all 8 (from their true points); a context that reads free keypoints cannot.
-    fast = [o for o in vla if not o.startswith(("target.where_frames", "target.symmetry", "target.model.keypoints"))]
+    fast = [o for o in vla if not o.startswith(("target.where_frames", "target.symmetry", "target.model.keypoints",
+                                                "target.perception_batch"))]
     fast_cfg = config(tmp_path / "fast", tiny_dataset, *fast, "target.model.keypoints=0", "target.perception_batch=3",
                       "target.steps=2", tiny=COMMON)
     rows = make_target(fast_cfg).batch(np.random.default_rng(0), 8)
@@ -185,7 +187,7 @@ def test_vla_trains_on_relabelled_episodes_with_the_where_auxiliary_and_fine_tun
 
 def test_vla_ships_its_weight_average_and_a_resume_restores_it(tmp_path, tiny_dataset):
     vla = ["target=vla", "target.policies=[mixed]", "target.eval_policies=[mixed]", "target.model.width=32",
-           "target.model.keypoints=4", "target.model.expert_width=32", "target.model.expert_blocks=1",
+           "target.model.keypoints=4", "target.perception_batch=null", "target.model.expert_width=32", "target.model.expert_blocks=1",
            "target.eval_windows=8", "target.weight_ema=0.9", "target.checkpoint_every=2", "target.eval_every=100"]
     train(config(tmp_path / "a", tiny_dataset, *vla, "target.steps=4", tiny=COMMON), tmp_path / "a/run")
     live, _ = load_checkpoint(tmp_path / "a/run/checkpoint")
