@@ -170,7 +170,9 @@ def bench_vla(args) -> dict[str, tuple[float, str]]:
     pixels = lambda b: torch.randint(0, 256, (b, cfg.cameras, cfg.image_size, cfg.image_size, 3),  # noqa: E731
                                      dtype=torch.uint8, generator=g)
     batch = {"pixels": pixels(1), "state": torch.randn(1, cfg.state_dim, generator=g),
-             "lang": torch.randn(1, 384, generator=g), "head_lang": torch.randn(1, 384, generator=g)}
+             "lang": torch.randn(1, 384, generator=g)}
+    if cfg.blank_words:  # the instruction with the names of things blanked, which its policy head reads
+        batch["head_lang"] = torch.randn(1, 384, generator=g)
     ms = {n: _median_time(lambda: model.sample_chunks(batch, n, g), args.min_time) * 1e3 for n in (1, 64)}
     out = {"sample_ms_n1": (ms[1], "ms for 1 chunk"), "sample_ms_n64": (ms[64], "ms for 64 chunks"),
            "ratio_n64_to_n1": (ms[64] / ms[1], "x")}
@@ -179,8 +181,9 @@ def bench_vla(args) -> dict[str, tuple[float, str]]:
     b = args.train_batch
     seen = b if args.perception_batch is None else args.perception_batch  # windows whose pixels the CNN sees
     data = {"pixels": pixels(seen), "state": torch.randn(b, cfg.state_dim, generator=g),
-            "lang": torch.randn(b, 384, generator=g), "head_lang": torch.randn(b, 384, generator=g),
-            "actions": torch.rand(b, cfg.chunk, cfg.action_dim, generator=g) * 2 - 1}
+            "lang": torch.randn(b, 384, generator=g), "actions": torch.rand(b, cfg.chunk, cfg.action_dim, generator=g) * 2 - 1}
+    if cfg.blank_words:
+        data["head_lang"] = torch.randn(b, 384, generator=g)
     if cfg.where_weight > 0:  # the where targets (the policy's points, with true_points)
         data["where"] = torch.rand(b, cfg.language_points, 2, generator=g) * 1.6 - 0.8
     out["train_samples_per_s"] = (b / _train_step_seconds(lambda: train_model(**data, generator=g)["loss"],
