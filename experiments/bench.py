@@ -200,6 +200,7 @@ def bench_planner(args) -> dict[str, tuple[float, str]]:
     import torch
 
     from models import WorldModel
+    from models.done import DoneModel
     from models.goal import GoalModel
     from models.vla import VLA
     from planner import MODES, ForesightController, PlannerConfig
@@ -207,12 +208,13 @@ def bench_planner(args) -> dict[str, tuple[float, str]]:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     path = lambda name: os.path.join(args.checkpoints, name)  # noqa: E731
     wm, goal_model, vla = WorldModel.load(path("world_model")), GoalModel.load(path("goal")), VLA.load(path("vla"))
+    done = DoneModel.load(path("done")) if os.path.isdir(path("done")) else None
     env = envs.make_env(image_size=wm.cfg.image_size)
     out: dict[str, tuple[float, str]] = {}
     optimizers, observations = {}, []
     with torch.no_grad():
         for mode in MODES:
-            controller = ForesightController(PlannerConfig(mode=mode), wm, goal_model, vla)
+            controller = ForesightController(PlannerConfig(mode=mode), wm, goal_model, vla, done_model=done)
             plans = _replans(env, controller, args.replans, observations if mode == "cem" else None)
             ms = [p.time_ms for p in plans]
             out[f"{mode}_ms_median"] = (float(np.median(ms)), "ms/replan")

@@ -31,7 +31,8 @@ from planner import ForesightController, PlannerConfig
 
 
 def load_models(checkpoints: str | Path, modes) -> dict:
-    """The models the modes need from `checkpoints/{world_model,goal,vla}`."""
+    """The models the modes need from `checkpoints/{world_model,goal,vla}`, and where the world model
+    is needed, the done model (clause-by-clause planning) and the pixel decoder (videos) if present."""
     from models.goal import GoalModel
     from models.vla import VLA
     from models.world_model import WorldModel
@@ -49,6 +50,9 @@ def load_models(checkpoints: str | Path, modes) -> dict:
             models[name] = loaders[name](root / name)
     if need["world_model"] and (root / "decoder").is_dir():
         models["decoder"] = load_decoder(root)
+    if need["world_model"] and (root / "done").is_dir():
+        from models.done import DoneModel
+        models["done"] = DoneModel.load(root / "done")
     return models
 
 
@@ -155,7 +159,8 @@ def main(cfg: DictConfig) -> None:
     with tqdm(total=len(modes) * len(families) * cfg.episodes, desc="episodes", unit="ep") as bar:
         for mode in modes:
             controller = ForesightController(PlannerConfig(**{**planner_cfg, "mode": mode}),
-                                             models.get("world_model"), models.get("goal"), models.get("vla"))
+                                             models.get("world_model"), models.get("goal"), models.get("vla"),
+                                             done_model=models.get("done"))
             results[mode], records[mode], everything = {}, {}, []
             for family in families:
                 episodes = []

@@ -19,17 +19,20 @@ from omegaconf import DictConfig, OmegaConf
 from envs import TABLETOP_ID
 from envs.dataset import EpisodeDataset, WindowSampler
 from envs.experts import N_NAMED_POINTS, expert_labels, named_points, replay_infos
+from envs.tasks import REGIONS, TEMPLATES, Subgoal, subgoal_met
 from envs.scene import COLOURS, SHAPES, image_coords
 from experiments.evaluate import colour_positions
 from models import WorldModel, WorldModelConfig, get_instruction_encoder
 from models.decoder import PixelDecoder, PixelDecoderConfig, world_model_digest
+from models.done import DoneModel, DoneModelConfig
 from models.goal import GoalModel, GoalModelConfig, gaussian_nll
 from models.objectives import WorldModelLossConfig, WorldModelObjective
 from models.vla import VLA, VLAConfig, blank
 
 
 def make_target(cfg: DictConfig):
-    targets = {"world_model": WorldModelTarget, "goal": GoalTarget, "vla": VLATarget, "decoder": DecoderTarget}
+    targets = {"world_model": WorldModelTarget, "goal": GoalTarget, "done": DoneTarget, "vla": VLATarget,
+               "decoder": DecoderTarget}
     if cfg.target.name not in targets:
         raise ValueError(f"unknown target {cfg.target.name!r}; choose one of {', '.join(targets)}")
     return targets[cfg.target.name](cfg)
@@ -189,6 +192,34 @@ class GoalTarget:
                 "data": str(self.cfg.data), "world_model": str(self.cfg.world_model), "seed": self.cfg.seed}
 
 
+class DoneTarget:
+    """The done model (models/done.py), on latents of the frozen world model's target encoder, from
+    frames of every episode relabelled for one-step instructions their scenes admit."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg, t = cfg, cfg.target
+        world_model = WorldModel.load(cfg.world_model)
+        self.model_cfg = DoneModelConfig(**t.model, latent_dim=world_model.cfg.latent_dim)
+        self.model = _build(cfg.seed, lambda: DoneModel(self.model_cfg))
+        self.objective, self.modules = self.model, {"done": self.model}
+        self.train = SubgoalFrames(world_model, open_dataset(cfg.data), np.random.default_rng([cfg.seed, 1]), t.examples)
+        self.eval = SubgoalFrames(world_model, open_dataset(cfg.eval_data), np.random.default_rng(1), t.eval_examples)
+
+    def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
+        return self.train.batch(rng.integers(len(self.train), size=size))
+
+    def after_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        return done_metrics(self.model, self.eval)
+
+    def config(self) -> dict:
+        return {"kind": "done", "model": self.model_cfg.to_dict(), "train": OmegaConf.to_container(self.cfg.target),
+                "data": str(self.cfg.data), "world_model": str(self.cfg.world_model), "seed": self.cfg.seed}
+
+
 class DecoderTarget:
     """The pixel decoder (for viewing only), on frames encoded by the frozen world model's target
     encoder as each batch is drawn; the first camera's image is the reconstruction target."""
@@ -263,6 +294,78 @@ class EncodedEpisodes:
         return {"lang": self.lang[e], "instruction_ids": self.ids[e],
                 "z_now": self.z[self.offsets[e] + t], "z_final": self.z[self.offsets[e] + self.lengths[e]],
                 "to_go": torch.from_numpy(self.lengths[e] - t), "success": torch.from_numpy(self.success[e])}
+
+
+# The one-step family whose instructions name a subgoal of each kind.
+FAMILY_OF_KIND = {"touch": "reach", "pad": "push_to_pad", "region": "push_to_region"}
+
+
+def relabel_subgoals(ds: EpisodeDataset, rng: np.random.Generator, n: int, own_share: float = 0.5
+                     ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """n random frames of a loaded dataset, each with a one-step instruction its scene admits and
+    whether that instruction holds in the frame, from the privileged state: (frame indices [n],
+    instruction texts, subgoal kinds [n], labels bool [n]). A share `own_share` of the rows take one
+    of the episode's own subgoals (so the frames around success are covered), the rest a random
+    one: touch an object of the scene, or push it into any region or onto any pad of the scene."""
+    e = rng.integers(len(ds), size=n)
+    frames = ds.starts[e] + (rng.random(n) * (ds.lengths[e] + 1)).astype(np.int64)
+    objects, pads = ds.frames["privileged/object_pos"], ds.frames["privileged/pad_pos"]
+    pusher, regions = ds.frames["privileged/pusher_pos"], list(REGIONS)
+    texts, kinds, labels = [], np.empty(n, dtype=object), np.zeros(n, dtype=bool)
+    for i, (episode, f) in enumerate(zip(e, frames)):
+        task = ds.task(int(episode))
+        names, pad_colours = task["objects"], task["pads"]
+        if rng.random() < own_share:
+            sub = task["subgoals"][rng.integers(len(task["subgoals"]))]
+            obj, kind, target = names.index(sub["object"]), sub["kind"], sub["target"]
+        else:
+            kind = ("touch", "region", "pad")[rng.integers(3 if pad_colours else 2)]
+            obj = int(rng.integers(len(names)))
+            target = {"touch": "", "region": regions[rng.integers(len(regions))],
+                      "pad": pad_colours[rng.integers(len(pad_colours))] if pad_colours else ""}[kind]
+        templates = TEMPLATES[FAMILY_OF_KIND[kind]]["train"]
+        texts.append(templates[rng.integers(len(templates))].format(obj=names[obj], pad=target, region=target))
+        kinds[i] = kind
+        labels[i] = subgoal_met(Subgoal(obj, kind, target), objects[f, :len(names), :2], pusher[f],
+                                {c: pads[f, j] for j, c in enumerate(pad_colours)})
+    return frames, texts, kinds.astype(str), labels
+
+
+class SubgoalFrames:
+    """relabel_subgoals' rows as the done model's batches: target latents of the frames (each frame
+    encoded once) and the instructions' embeddings (each text encoded once)."""
+
+    def __init__(self, world_model: WorldModel, ds: EpisodeDataset, rng: np.random.Generator, n: int):
+        frames, texts, self.kinds, labels = relabel_subgoals(ds, rng, n)
+        unique, self.frame_row = np.unique(frames, return_inverse=True)
+        self.z = encode_frames(world_model, ds, unique)
+        vocabulary = sorted(set(texts))
+        index = {text: i for i, text in enumerate(vocabulary)}
+        self.lang, self.text_row = get_instruction_encoder().encode(vocabulary), np.array([index[t] for t in texts])
+        self.labels = torch.from_numpy(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        return {"z": self.z[self.frame_row[rows]], "lang": self.lang[self.text_row[rows]], "label": self.labels[rows]}
+
+
+@torch.no_grad()
+def done_metrics(model: DoneModel, frames: SubgoalFrames) -> dict[str, float]:
+    """The done model on held-out relabelled frames: AUROC and accuracy (at p = 0.5) per subgoal kind."""
+    from experiments.score import ranking_metrics
+
+    b = frames.batch(np.arange(len(frames)))
+    logit = torch.cat([model.logit(z, lang) for z, lang in zip(b["z"].split(4096), b["lang"].split(4096))])
+    out = {}
+    for kind in FAMILY_OF_KIND:
+        rows = frames.kinds == kind
+        label = b["label"][rows].numpy()
+        out[f"done_auroc_{kind}"] = ranking_metrics(logit[rows].numpy(), label, None, resamples=0)["auroc"]
+        out[f"done_accuracy_{kind}"] = float(((logit[rows] > 0).numpy() == label).mean())
+        out[f"done_positive_{kind}"] = float(label.mean())
+    return out
 
 
 @torch.no_grad()

@@ -17,7 +17,10 @@ up, and the mode's optimizer searches plans of `horizon` chunks against it. Mode
 
 A plan's first chunk comes from the VLA in the vla_* modes; its later chunks, and the whole plan
 otherwise, come from the previous plan shifted by the executed actions (zeros at an episode's
-start). The controller never touches the simulator.
+start). An instruction of several steps ("..., then ...") is planned clause by clause
+(`subgoals`, planner/subgoals.py): at each replan the done model (models/done.py) says which
+clauses already hold in the present frame, and the VLA proposes, and the goal aims, for the first
+that does not. The controller never touches the simulator.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 
 from .objective import CostConfig, Goal, Objective
 from .optimizers import NevergradOptimizer, PlanResult, Proposal, SamplerConfig, SamplingOptimizer
+from .subgoals import split_instruction
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ class PlannerConfig:
     cost: CostConfig = field(default_factory=CostConfig)
     ng_optimizer: str = "CMA"
     ng_evaluations: int = 768
+    subgoals: bool = True  # plan a multi-step instruction clause by clause (where a done model is given)
     seed: int = 0
 
     def __post_init__(self):
@@ -89,12 +94,23 @@ class PlanInfo:
     iterations: int
     time_ms: float  # the whole replan: encoding, proposals, search
     fallback: str | None = None  # why the VLA's chunk was executed instead of the plan
+    clause: str | None = None  # the clause planned for, when the instruction was split into several
+
+
+@dataclass
+class Clause:
+    """One step of the instruction, as the goal model and the VLA read it."""
+
+    text: str
+    lang: torch.Tensor  # [1, L]
+    vla_language: dict  # the VLA's instruction inputs
 
 
 class ForesightController:
     """A policy object: reset(instruction), act(obs) -> action f32[A], last_plan."""
 
-    def __init__(self, cfg: PlannerConfig, world_model=None, goal_model=None, vla=None, text_encoder=None):
+    def __init__(self, cfg: PlannerConfig, world_model=None, goal_model=None, vla=None, text_encoder=None,
+                 done_model=None):
         if cfg.uses_vla and vla is None:
             raise ValueError(f"mode {cfg.mode} needs a VLA; pass vla=VLA.load(...)")
         if cfg.mode != "vla":
@@ -110,6 +126,7 @@ class ForesightController:
             from models import get_instruction_encoder
             text_encoder = get_instruction_encoder()
         self.cfg, self.world_model, self.goal_model, self.vla = cfg, world_model, goal_model, vla
+        self.done_model = done_model
         self.text = text_encoder
         spec = (world_model or vla).cfg
         self.chunk, self.action_dim = spec.chunk, spec.action_dim
@@ -125,7 +142,7 @@ class ForesightController:
         self._queue: deque = deque()
         self._plan: torch.Tensor | None = None
         self.lang = self._goal_latent = None
-        self.vla_language: dict[str, torch.Tensor] = {}
+        self.clauses: list[Clause] = []
 
     def _optimizer(self):
         cfg = self.cfg
@@ -145,7 +162,8 @@ class ForesightController:
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError("reset needs the instruction as a non-empty string")
         self.lang = self.text.encode([instruction])
-        self.vla_language = self.vla.instruction_inputs(instruction, self.text) if self.vla is not None else {}
+        texts = split_instruction(instruction) if self._sequencing() else []
+        self.clauses = [self._clause(t) for t in (texts if len(texts) > 1 else [instruction])]
         self._frames.clear()
         self._queue.clear()
         self._plan, self.last_plan, self._goal_latent = None, None, None
@@ -169,11 +187,28 @@ class ForesightController:
 
     # ------------------------------------------------------------------ planning
 
+    def _sequencing(self) -> bool:
+        """Whether a multi-step instruction is planned clause by clause here."""
+        return self.cfg.subgoals and self.cfg.mode != "vla" and self.done_model is not None
+
+    def _clause(self, text: str) -> Clause:
+        return Clause(text, self.text.encode([text]),
+                      self.vla.instruction_inputs(text, self.text) if self.vla is not None else {})
+
+    def _due_clause(self, z_now: torch.Tensor) -> Clause:
+        """The first clause the done model does not see met in the present frame (the last if all are)."""
+        for clause in self.clauses[:-1]:
+            if float(self.done_model.done(z_now, clause.lang)[0]) < 0.5:
+                return clause
+        return self.clauses[-1]
+
     def _replan(self) -> None:
         cfg = self.cfg
         start = time.perf_counter()
         pixels, state = self._frames[-1]
-        batch = {"pixels": pixels[None], "state": state[None], "lang": self.lang, **self.vla_language}
+        z_hist = self._history() if cfg.mode != "vla" else None
+        clause = self._due_clause(z_hist[:, -1]) if len(self.clauses) > 1 else self.clauses[0]
+        batch = {"pixels": pixels[None], "state": state[None], "lang": clause.lang, **clause.vla_language}
         chunks = self.vla.sample_chunks(batch, cfg.vla_samples if cfg.mode != "vla" else 1,
                                         self.generator)[0] if cfg.uses_vla else None  # [N, K, A]
         if cfg.mode == "vla":
@@ -181,8 +216,9 @@ class ForesightController:
             self.last_plan = PlanInfo("vla", chunks[0][None], float("nan"), None, None, None, 0, 0,
                                       (time.perf_counter() - start) * 1e3)
             return
-        z_hist = self._history()
-        objective = Objective(self.world_model, z_hist, self.lang, self._goal(z_hist[:, -1]), cfg.cost, chunks)
+        # The predictor reads the whole instruction, as in training; the goal is the due clause's.
+        goal = self._goal(z_hist[:, -1], clause.lang)
+        objective = Objective(self.world_model, z_hist, self.lang, goal, cfg.cost, chunks)
         mean = self._warm_start()
         samples = None
         if chunks is not None:
@@ -207,7 +243,7 @@ class ForesightController:
         self._execute(plan)
         self.last_plan = PlanInfo(cfg.mode, plan, result.cost, result.candidates, result.costs, latents,
                                   result.evaluations, result.iterations, (time.perf_counter() - start) * 1e3,
-                                  fallback)
+                                  fallback, clause.text if len(self.clauses) > 1 else None)
 
     def _execute(self, plan: torch.Tensor) -> None:
         """Queue the first n_exec actions of plan [H, K, A] and keep it for the warm start."""
@@ -231,10 +267,10 @@ class ForesightController:
         state = torch.stack([frames[i][1] for i in picks])[None]
         return self.world_model.encode(pixels, state)
 
-    def _goal(self, z_now: torch.Tensor) -> Goal:
+    def _goal(self, z_now: torch.Tensor, lang: torch.Tensor) -> Goal:
         if self.cfg.goal == "image":
             return Goal(latent=self._goal_latent)
-        return Goal.from_model(self.goal_model, self.lang, z_now, self.cfg.goal)
+        return Goal.from_model(self.goal_model, lang, z_now, self.cfg.goal)
 
     def _tensors(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """An observation as (pixels uint8 [V, H, W, 3], state f32 [P]); cameras in the dict's order."""

@@ -1,6 +1,7 @@
 """The planner: CEM, MPPI and nevergrad minimise real objectives within bounds and deadlines,
 non-finite costs never win, the objective's terms, and the controller on the MuJoCo tabletop
-(every mode, warm start, history spacing, determinism, the VLA fallback, clear errors)."""
+(every mode, warm start, history spacing, determinism, the VLA fallback, clear errors), and
+multi-step instructions planned clause by clause."""
 
 import math
 import zlib
@@ -10,11 +11,14 @@ import pytest
 import torch
 
 import envs
+from envs.tasks import TEMPLATES
+from models.done import DoneModel, DoneModelConfig
 from models.goal import GoalModel, GoalModelConfig
 from models.vla import VLA, VLAConfig
 from models.world_model import WorldModel, WorldModelConfig
 from planner import (MODES, CostConfig, ForesightController, Goal, NevergradOptimizer, Objective,
                      PlannerConfig, Proposal, SamplerConfig, SamplingOptimizer)
+from planner.subgoals import split_instruction
 
 SHAPE = (2, 4, 2)  # H, K, A
 TARGET = torch.tensor([0.6, -0.3]).expand(*SHAPE).clone()
@@ -329,3 +333,57 @@ def test_image_goal_is_the_encoded_goal_observation(models, env):
     torch.testing.assert_close(ctrl._goal_latent, z_goal)
     plan = ctrl.last_plan
     assert plan.cost == pytest.approx(float((plan.latents[-1] - z_goal).norm()), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------- clause by clause
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_every_two_step_template_splits_into_its_two_clauses_in_order(split):
+    """Each clause is an instruction of its own: it names its object and its region, in the order the
+    task wants them done; one-step instructions stay whole."""
+    slots = dict(obj="red cube", region="left side", obj2="blue sphere", region2="right side", pad="green")
+    for template in TEMPLATES["two_step"][split]:
+        first, second = split_instruction(template.format(**slots))
+        assert "red cube" in first and "left side" in first and "blue" not in first and " it " not in f" {first} "
+        assert "blue sphere" in second and "right side" in second and "red" not in second
+        assert not first.startswith("the ") and not second.startswith("the ")  # each has its verb
+    for family in ("reach", "push_to_pad", "push_to_region"):
+        for template in (*TEMPLATES[family]["train"], *TEMPLATES[family]["heldout"]):
+            assert split_instruction(template.format(**slots)) == [template.format(**slots)]
+
+
+def test_a_multi_step_instruction_is_planned_for_the_first_clause_not_yet_done(models, env, monkeypatch):
+    """With a done model, the VLA proposes, and the goal aims, for the first clause it does not see
+    met; the predictor keeps the whole instruction. Without a done model, the whole instruction."""
+    wm, goal_model, vla = models
+    done = DoneModel(DoneModelConfig(latent_dim=16, width=8)).eval()
+    text = HashText()
+    instruction = "push the red cube to the left side, then the blue sphere to the right side"
+    first, second = split_instruction(instruction)
+    met = {first: False}
+    monkeypatch.setattr(done, "done", lambda z, lang: torch.tensor(
+        [float(any(met[t] for t in met if torch.equal(lang, text.encode([t]))))]))
+    asked = []
+    sample = vla.sample_chunks
+    monkeypatch.setattr(vla, "sample_chunks", lambda batch, *a: asked.append(batch["lang"]) or sample(batch, *a))
+    goals = []
+    from_model = Goal.from_model
+    monkeypatch.setattr(Goal, "from_model", lambda model, lang, *a: goals.append(lang) or from_model(model, lang, *a))
+    ctrl = ForesightController(PlannerConfig(mode="vla_rank", horizon=2, n_exec=3, vla_samples=4), wm, goal_model,
+                               vla, text_encoder=text, done_model=done)
+    obs, _ = env.reset(seed=0)
+    ctrl.reset(instruction)
+    for step in range(6):
+        met[first] = step >= 3  # the first clause holds from the second replan on
+        ctrl.act(obs)
+        if step in (0, 3):
+            clause = (first, second)[step // 3]
+            assert ctrl.last_plan.clause == clause and torch.equal(asked[-1], text.encode([clause]))
+            assert torch.equal(goals[-1], text.encode([clause]))
+    torch.testing.assert_close(ctrl.lang, text.encode([instruction]))
+    plain = ForesightController(PlannerConfig(mode="vla_rank", horizon=2, n_exec=3, vla_samples=4), *models,
+                                text_encoder=text)
+    plain.reset(instruction)
+    plain.act(obs)
+    assert plain.last_plan.clause is None and torch.equal(asked[-1], text.encode([instruction]))

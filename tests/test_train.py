@@ -20,10 +20,11 @@ from envs.scene import TABLE_RGB, image_coords
 from experiments.common import CONFIG_DIR
 from experiments.evaluate import evaluate, report
 from experiments.targets import (first_of_each_family, make_target, named_point_targets, random_shift,
-                                 table_symmetry)
+                                 relabel_subgoals, table_symmetry)
 from experiments.train import train
 from models import WorldModel
 from models.checkpoint import load_checkpoint
+from models.done import DoneModel
 from models.goal import GoalModel
 from models.vla import VLA
 
@@ -66,9 +67,10 @@ def test_world_model_trains_evaluates_and_loads(tmp_path, tiny_dataset):
     assert model.rollout(z, torch.zeros(1, 3, 8, 2), torch.zeros(1, 384)).shape == (1, 3, 16)
 
 
-def test_goal_model_with_a_value_head_trains_on_the_frozen_world_model(tmp_path, tiny_dataset):
+def test_goal_model_with_a_value_head_and_the_done_model_train_on_the_frozen_world_model(tmp_path, tiny_dataset):
     """The goal and critic learn from the successful episodes, the value head from all of them (the
-    random-play ones fail), and foresight-evaluate reports both."""
+    random-play ones fail), the done model from relabelled frames of all of them; foresight-evaluate
+    reports the goal and value."""
     train(config(tmp_path / "wm", tiny_dataset, "target.steps=5"), tmp_path / "wm_run")
     cfg = config(tmp_path, tiny_dataset, "target=goal", f"world_model={tmp_path}/wm/out", "target.steps=30",
                  "target.model.width=32", "+target.model.value=true", tiny=COMMON)
@@ -78,6 +80,16 @@ def test_goal_model_with_a_value_head_trains_on_the_frozen_world_model(tmp_path,
     goal = GoalModel.load(tmp_path / "out")
     assert goal.goal(torch.zeros(2, 384), torch.zeros(2, 16)).shape == (2, 16)
     assert 0 < goal.value(torch.zeros(2, 16), torch.zeros(1, 384)).min() < 1
+
+    cfg = config(tmp_path / "done", tiny_dataset, "target=done", f"world_model={tmp_path}/wm/out", "target.steps=40",
+                 "target.model.width=32", "target.examples=600", "target.eval_examples=300", "target.eval_every=40",
+                 tiny=COMMON)
+    final = train(cfg, tmp_path / "done_run")
+    assert 0 < final["done_positive_region"] < 1 and 0 <= final["done_accuracy_pad"] <= 1
+    logged = [m["loss"] for m in metrics(tmp_path / "done_run/metrics.jsonl") if "loss" in m]
+    assert np.mean(logged[-10:]) < np.mean(logged[:10])
+    done = DoneModel.load(tmp_path / "done/out")
+    assert done.done(torch.zeros(3, 16), torch.zeros(1, 384)).shape == (3,)
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         ecfg = compose("evaluate", overrides=[f"world_model={tmp_path}/wm/out", f"goal={tmp_path}/out",
@@ -89,6 +101,22 @@ def test_goal_model_with_a_value_head_trains_on_the_frozen_world_model(tmp_path,
     assert 0 < results["probe"]["mean_error_m"] < 0.5 and 0 <= results["goal"]["retrieval_top1"] <= 1
     assert 0 <= results["goal"]["value_auroc_first"] <= 1 and results["probe"]["pads"]["mean_position_error_m"] > 0
     assert "goal retrieval" in report(results)
+
+
+def test_relabelled_subgoals_hold_where_the_episodes_succeeded_and_not_at_their_start(tiny_dataset):
+    """The done head's labels, read from the privileged state: an episode's own subgoal holds at the
+    last frame of a successful one-step episode and at no episode's first frame (the tasks are laid
+    out so that none holds at the start); random instructions of the scene hold sometimes."""
+    ds = EpisodeDataset(tiny_dataset, load=True)
+    frames, texts, kinds, labels = relabel_subgoals(ds, np.random.default_rng(0), 3000, own_share=1.0)
+    episode = np.searchsorted(ds.starts, frames, side="right") - 1
+    last = frames == ds.starts[episode] + ds.lengths[episode]
+    assert labels[last & ds.success[episode]].all() and last.sum() > 10
+    assert not labels[frames == ds.starts[episode]].any()
+    assert {k for k in kinds} == {"pad", "region"}  # the tiny set's two families
+    assert all(ds.task(int(e))["subgoals"][0]["object"] in t for e, t in zip(episode[:50], texts[:50]))
+    _, _, kinds, labels = relabel_subgoals(ds, np.random.default_rng(1), 3000, own_share=0.0)
+    assert set(kinds) == {"touch", "pad", "region"} and 0.02 < labels[kinds == "region"].mean() < 0.9
 
 
 def test_random_shift_reports_how_far_the_content_moved():
