@@ -28,7 +28,7 @@ DISTANCES = ("l2", "l1", "cosine", "nll")
 class CostConfig:
     distance: str = "l2"  # l2 | l1 | cosine | nll, between an imagined latent and the goal latent
     running_weight: float = 0.0  # weight of the intermediate latents' mean distance to the goal
-    prior_weight: float = 0.0  # pull the first chunk towards the nearest VLA proposal
+    prior_weight: float = 10.0  # pull the first chunk towards the nearest VLA proposal (where there are any)
 
     def __post_init__(self):
         if self.distance not in DISTANCES:
