@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,10 +298,10 @@ def _create(path: Path, meta: DatasetMeta, first: Episode, privileged_shapes) ->
     return _open_for_append(path)
 
 
-def _open_for_append(path: Path) -> h5py.File:
+def _open_for_append(path: Path, lock_wait_s: float = 10.0) -> h5py.File:
     _open_for_read(path).close()  # a clear error for foreign or damaged files
     try:
-        f = h5py.File(path, "a", libver="latest")
+        f = _open_when_unlocked(path, lock_wait_s)
     except OSError as err:
         if "already open for write" not in str(err):
             raise DatasetError(f"cannot open {path} for appending: {err}") from err
@@ -308,6 +309,19 @@ def _open_for_append(path: Path) -> h5py.File:
         f = h5py.File(path, "a", libver="latest")
     f.swmr_mode = True
     return f
+
+
+def _open_when_unlocked(path: Path, wait_s: float) -> h5py.File:
+    """Open for appending, waiting while a reader holds the file's lock: a reader that opens the
+    file in the instant between its creation and this open would otherwise kill the writer."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return h5py.File(path, "a", libver="latest")
+        except BlockingIOError:  # errno 11: locked by a reader, for as long as one read takes
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _complete_rows(episodes: h5py.Group) -> int:

@@ -132,6 +132,23 @@ def test_appending_episodes_of_another_env_is_refused(tmp_path):
         EpisodeWriter(tmp_path / "d.h5", other, SHAPES)
 
 
+def test_a_writer_waits_for_a_reader_that_holds_the_file(tmp_path):
+    """A reader (another process) holding the file locks it against appending; the writer waits for
+    the read to end instead of failing (the collector died this way when a reader opened the file
+    the instant after it was created)."""
+    path = tmp_path / "d.h5"
+    write(path, [fake_episode(0, 5)])
+    hold = "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r', libver='latest'); print(1, flush=True); time.sleep(1.5)"
+    reader = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "1"  # the reader holds the file now
+    with pytest.raises(BlockingIOError):
+        h5py.File(path, "a", libver="latest").close()
+    write(path, [fake_episode(1, 5)])
+    reader.wait()
+    with EpisodeDataset(path) as ds:
+        assert list(ds.seeds) == [0, 1]
+
+
 _KILLED_WRITER = """
 import sys, numpy as np
 sys.path.insert(0, {tests!r})
