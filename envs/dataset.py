@@ -128,7 +128,7 @@ class EpisodeWriter:
             return
         self._file.close()
         self._file = None
-        with h5py.File(self.path, "r+", libver="latest") as f:
+        with _open_when_unlocked(self.path, 10.0) as f:
             f.attrs["stats"] = json.dumps(_compute_stats(f))
 
     def __enter__(self):
@@ -312,8 +312,9 @@ def _open_for_append(path: Path, lock_wait_s: float = 10.0) -> h5py.File:
 
 
 def _open_when_unlocked(path: Path, wait_s: float) -> h5py.File:
-    """Open for appending, waiting while a reader holds the file's lock: a reader that opens the
-    file in the instant between its creation and this open would otherwise kill the writer."""
+    """Open for writing, waiting while a reader holds the file's lock: a reader that opens the file
+    in the instant between its creation (or the last episode) and this open would otherwise kill
+    the writer."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
