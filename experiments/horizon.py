@@ -91,6 +91,7 @@ def closed_loop(cfg: DictConfig, lines: dict) -> dict:
     import envs
     from experiments.control import run_episode, summarise
     from experiments.env_config import env_from_config
+    from models.done import DoneModel
     from planner import ForesightController, PlannerConfig
 
     first_seed = envs.EVAL_SEED_START if cfg.seed is None else int(cfg.seed)
@@ -103,9 +104,11 @@ def closed_loop(cfg: DictConfig, lines: dict) -> dict:
     with tqdm(total=total, desc="closed loop", unit="ep") as bar:
         for name, (paths, (wm, goal, vla)) in lines.items():
             rows = []
+            done_dir = Path(paths["world_model"]).parent / "done"  # the sibling done model, if any
+            done = DoneModel.load(done_dir) if done_dir.is_dir() else None
             for horizon in map(int, cfg.horizons):
                 controller = ForesightController(PlannerConfig(**{**planner_cfg, "mode": "vla_cem", "horizon": horizon}),
-                                                 wm, goal, vla)
+                                                 wm, goal, vla, done_model=done)
                 per, everything = {}, []
                 for family in families:
                     episodes = []
