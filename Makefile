@@ -21,9 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The main job on the shipped checkpoints: the VLA alone, then VLA-seeded CEM, on the same
-# 10 fresh reach and push-to-pad episodes each; a success table, results.json and videos.
+# 10 fresh reach, push-to-pad and two-step episodes each; a success table, results.json and videos.
 demo: install
-	$(BIN)/foresight-control modes=[vla,vla_cem] families=[reach,push_to_pad] episodes=10 hydra.run.dir=outputs/demo
+	$(BIN)/foresight-control modes=[vla,vla_cem] families=[reach,push_to_pad,two_step] episodes=10 hydra.run.dir=outputs/demo
 	@echo "videos: outputs/demo/videos/"
 
 # Two test workers on two cores: one torch thread each, or they fight over the cores.
