@@ -128,7 +128,7 @@ class EpisodeWriter:
             return
         self._file.close()
         self._file = None
-        with _open_when_unlocked(self.path, 10.0) as f:
+        with _open_when_unlocked(self.path) as f:
             f.attrs["stats"] = json.dumps(_compute_stats(f))
 
     def __enter__(self):
@@ -298,10 +298,10 @@ def _create(path: Path, meta: DatasetMeta, first: Episode, privileged_shapes) ->
     return _open_for_append(path)
 
 
-def _open_for_append(path: Path, lock_wait_s: float = 10.0) -> h5py.File:
+def _open_for_append(path: Path) -> h5py.File:
     _open_for_read(path).close()  # a clear error for foreign or damaged files
     try:
-        f = _open_when_unlocked(path, lock_wait_s)
+        f = _open_when_unlocked(path)
     except OSError as err:
         if "already open for write" not in str(err):
             raise DatasetError(f"cannot open {path} for appending: {err}") from err
@@ -311,7 +311,7 @@ def _open_for_append(path: Path, lock_wait_s: float = 10.0) -> h5py.File:
     return f
 
 
-def _open_when_unlocked(path: Path, wait_s: float) -> h5py.File:
+def _open_when_unlocked(path: Path, wait_s: float = 10.0) -> h5py.File:
     """Open for writing, waiting while a reader holds the file's lock: a reader that opens the file
     in the instant between its creation (or the last episode) and this open would otherwise kill
     the writer."""

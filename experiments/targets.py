@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from envs import TABLETOP_ID
 from envs.dataset import EpisodeDataset, WindowSampler
 from envs.experts import N_NAMED_POINTS, expert_labels, named_points, replay_infos
-from envs.tasks import REGIONS, TEMPLATES, Subgoal, subgoal_met
 from envs.scene import COLOURS, SHAPES, image_coords
+from envs.tasks import REGIONS, TEMPLATES, Subgoal, subgoal_met
 from experiments.evaluate import colour_positions
 from models import WorldModel, WorldModelConfig, get_instruction_encoder
 from models.decoder import PixelDecoder, PixelDecoderConfig, world_model_digest
@@ -311,7 +311,7 @@ def relabel_subgoals(ds: EpisodeDataset, rng: np.random.Generator, n: int, own_s
     frames = ds.starts[e] + (rng.random(n) * (ds.lengths[e] + 1)).astype(np.int64)
     objects, pads = ds.frames["privileged/object_pos"], ds.frames["privileged/pad_pos"]
     pusher, regions = ds.frames["privileged/pusher_pos"], list(REGIONS)
-    texts, kinds, labels = [], np.empty(n, dtype=object), np.zeros(n, dtype=bool)
+    texts, kinds, labels = [], [], np.zeros(n, dtype=bool)
     for i, (episode, f) in enumerate(zip(e, frames)):
         task = ds.task(int(episode))
         names, pad_colours = task["objects"], task["pads"]
@@ -321,14 +321,16 @@ def relabel_subgoals(ds: EpisodeDataset, rng: np.random.Generator, n: int, own_s
         else:
             kind = ("touch", "region", "pad")[rng.integers(3 if pad_colours else 2)]
             obj = int(rng.integers(len(names)))
-            target = {"touch": "", "region": regions[rng.integers(len(regions))],
-                      "pad": pad_colours[rng.integers(len(pad_colours))] if pad_colours else ""}[kind]
+            # A target is drawn for every kind, used or not: the shipped done model's rows were drawn so.
+            drawn = {"touch": "", "region": regions[rng.integers(len(regions))],
+                     "pad": pad_colours[rng.integers(len(pad_colours))] if pad_colours else ""}
+            target = drawn[kind]
         templates = TEMPLATES[FAMILY_OF_KIND[kind]]["train"]
         texts.append(templates[rng.integers(len(templates))].format(obj=names[obj], pad=target, region=target))
-        kinds[i] = kind
+        kinds.append(kind)
         labels[i] = subgoal_met(Subgoal(obj, kind, target), objects[f, :len(names), :2], pusher[f],
                                 {c: pads[f, j] for j, c in enumerate(pad_colours)})
-    return frames, texts, kinds.astype(str), labels
+    return frames, texts, np.array(kinds), labels
 
 
 class SubgoalFrames:

@@ -5,9 +5,9 @@
 
 The VLA alone does not chain subgoals: given a two-step instruction it solves 1 of 20 two-step
 episodes, and given each clause in turn, switched when the first holds, 18 of 20 (README). The
-controller therefore plans clause by clause: the goal model's done head says, on the present latent,
-which clauses already hold, and the VLA proposes, and the goal model aims, for the first that does
-not. Which clauses there are is read here from the text by a few rules on English connectives
+controller therefore plans clause by clause: the done model (models/done.py) says, on the present
+latent, which clauses already hold, and the VLA proposes, and the goal model aims, for the first
+that does not. Which clauses there are is read here from the text by a few rules on English connectives
 ("then", "and after that", "; next,", "once ..., ..."), not by a parser; an instruction without
 one is a single clause and plans as before.
 """

@@ -104,7 +104,7 @@ def test_goal_model_with_a_value_head_and_the_done_model_train_on_the_frozen_wor
 
 
 def test_relabelled_subgoals_hold_where_the_episodes_succeeded_and_not_at_their_start(tiny_dataset):
-    """The done head's labels, read from the privileged state: an episode's own subgoal holds at the
+    """The done model's labels, read from the privileged state: an episode's own subgoal holds at the
     last frame of a successful one-step episode and at no episode's first frame (the tasks are laid
     out so that none holds at the start); random instructions of the scene hold sometimes."""
     ds = EpisodeDataset(tiny_dataset, load=True)
