@@ -17,8 +17,8 @@ tabletop episodes).
 Candidates mode: an .npz with pixels [N, (h,) V, H, W, 3] uint8, state [N, (h,) P], instructions [N],
 candidates [N, M, H, K, A] and optional labels [N, M]; a cost and a rank (1 = best) per candidate.
 Where labels exist: AUROC and Spearman of -cost against success, beside two baselines (the goal
-replaced by z_0; the distance the actions travel). Scores go to `out` (.csv or .parquet),
-results.json beside them.
+replaced by z_0; the distance the actions travel) and, in dataset mode, the ceiling: the same goal's
+cost of the real frame the actions led to. Scores go to `out` (.csv or .parquet), results.json beside them.
 """
 
 from __future__ import annotations
@@ -37,9 +37,13 @@ from planner import CostConfig, Goal, Objective
 
 # "cost" is the planner's objective under the goal the config names (GOAL_NAMES); the others are baselines.
 GOAL_NAMES = {"model": "world model, goal G(ℓ, z_0)", "critic": "world model, language critic",
-              "value": "world model, value head's steps-to-go"}
+              "value": "world model, value head's steps-to-go",
+              "done": "world model, done model's log P(every clause holds)"}
 SCORERS = {"cost": GOAL_NAMES["model"], "cost_goal_z0": "world model, goal z_0 (copy)",
            "path_length": "actions alone: Σ‖a‖"}
+# Dataset mode only: the same goal's cost of the real frame where the scored actions end, i.e. what
+# the score would be if imagination were perfect; the gap to "cost" is what imagination loses.
+REAL_END = {"cost_real_end": "the goal's cost of the real end frame (no imagination)"}
 
 
 def ranking_metrics(score: np.ndarray, label: np.ndarray, rng: np.random.Generator, resamples: int = 1000) -> dict:
@@ -69,17 +73,23 @@ def ranking_metrics(score: np.ndarray, label: np.ndarray, rng: np.random.Generat
 
 @torch.no_grad()
 def score_observations(world_model, goal_model, pixels, state, lang: torch.Tensor, candidates,
-                       cost: CostConfig, goal: str = "model") -> dict[str, list[np.ndarray]]:
+                       cost: CostConfig, goal: str = "model", real_end=None, clauses=None) -> dict[str, list[np.ndarray]]:
     """Per observation n (pixels uint8 [h, V, H, W, 3], state [h, P], lang [N, L], candidates [M, H, K, A]):
-    the objective's costs [M], with the goal model's goal and with z_0 as the goal, and Σ‖a‖ [M]."""
-    out = {name: [] for name in SCORERS}
+    the objective's costs [M], with the goal model's goal and with z_0 as the goal, and Σ‖a‖ [M].
+    goal=done: goal_model is the done model and clauses[n] [C, L] the embedded clauses of instruction n.
+    real_end (pixels [N, 1, V, H, W, 3], state [N, 1, P]): also the goal's cost of that real frame [1]."""
+    out = {name: [] for name in (SCORERS | REAL_END if real_end is not None else SCORERS)}
     for n in tqdm(range(len(candidates)), desc="scoring", unit="obs", leave=False):
         z = world_model.encode(torch.as_tensor(pixels[n])[None], torch.as_tensor(state[n])[None])  # [1, h, D]
         chunks, ln = torch.as_tensor(candidates[n], dtype=torch.float32), lang[n:n + 1]
-        target = Goal.from_model(goal_model, ln, z[:, -1], goal)
+        target = (Goal.from_done(goal_model, clauses[n]) if goal == "done"
+                  else Goal.from_model(goal_model, ln, z[:, -1], goal))
         out["cost"].append(Objective(world_model, z, ln, target, cost)(chunks).numpy())
         out["cost_goal_z0"].append(Objective(world_model, z, ln, Goal(latent=z[0, -1]), cost)(chunks).numpy())
         out["path_length"].append(chunks.flatten(1, 2).norm(dim=-1).sum(-1).numpy())
+        if real_end is not None:
+            z_end = world_model.encode(torch.as_tensor(real_end[0][n])[None], torch.as_tensor(real_end[1][n])[None])
+            out["cost_real_end"].append(target.cost(z_end[0, -1:], cost.distance).numpy())
     return out
 
 
@@ -112,7 +122,7 @@ def dataset_inputs(cfg: DictConfig, wm, out_dir: Path):
                          f"it holds policies {sorted(set(policies))} and families {sorted(set(families))}")
     if cfg.pad not in ("repeat", "zero", "skip"):
         raise ValueError(f"pad must be repeat, zero or skip, got {cfg.pad!r}")
-    rows, pixels, state, chunks, skipped = [], [], [], [], 0
+    rows, pixels, state, chunks, ends, skipped = [], [], [], [], ([], []), 0
     for i in keep:
         lo, n = int(ds.starts[i]), int(ds.lengths[i])
         steps = int(cfg.horizon) * c.chunk if cfg.horizon else int(ds.task(i).get("budget") or ds.lengths.max())
@@ -126,13 +136,16 @@ def dataset_inputs(cfg: DictConfig, wm, out_dir: Path):
         chunks.append(np.concatenate([actions, np.repeat(tail, short, 0)]).reshape(1, h, c.chunk, -1))
         pixels.append(np.asarray(ds.frames["pixels"][lo:lo + 1]))
         state.append(np.asarray(ds.frames["state"][lo:lo + 1]))
+        end = lo + min(n, h * c.chunk)  # the frame the scored actions lead to (the outcome, when padded)
+        ends[0].append(np.asarray(ds.frames["pixels"][end:end + 1]))
+        ends[1].append(np.asarray(ds.frames["state"][end:end + 1]))
         rows.append({"episode": i, "policy": ds.policies[i], "family": families[i], "instruction": ds.instructions[i],
                      "success": bool(ds.success[i]), "length": n, "horizon": h, "padded": short})
     ds.close()
     if not rows:
         raise ValueError(f"every selected episode is shorter than horizon={cfg.horizon} chunks of {c.chunk}; "
                          f"lower horizon or use pad=zero")
-    return rows, pixels, state, chunks, skipped
+    return rows, pixels, state, chunks, ends, skipped
 
 
 def candidate_inputs(path: str, wm):
@@ -169,37 +182,46 @@ def candidate_inputs(path: str, wm):
 
 def run(cfg: DictConfig) -> tuple[dict, Path]:
     from models import WorldModel, get_instruction_encoder
+    from models.done import DoneModel
     from models.goal import GoalModel
+    from planner.subgoals import split_instruction
 
     torch.set_num_threads(int(cfg.threads))
     root, out = Path(cfg.checkpoints), Path(cfg.out)
     if out.suffix not in (".csv", ".parquet"):
         raise ValueError(f"out must end in .csv or .parquet, got {out}")
-    for name in ("world_model", "goal"):
+    if cfg.goal not in GOAL_NAMES:
+        raise ValueError(f"unknown goal {cfg.goal!r}; choose one of {', '.join(GOAL_NAMES)}")
+    goal_dir = "done" if cfg.goal == "done" else "goal"
+    for name in ("world_model", goal_dir):
         if not (root / name).is_dir():
             raise FileNotFoundError(f"no {name} checkpoint in {root}; run `make train` or set checkpoints=")
-    wm, gm = WorldModel.load(root / "world_model"), GoalModel.load(root / "goal")
+    wm = WorldModel.load(root / "world_model")
+    gm = (DoneModel if cfg.goal == "done" else GoalModel).load(root / goal_dir)
     cost_cfg = CostConfig(**cfg.cost)
     results: dict = {"config": OmegaConf.to_container(cfg, resolve=True)}
     if cfg.candidates:
         px, st, texts, cand, labels = candidate_inputs(cfg.candidates, wm)
+        real_end = None
     else:
-        rows, px, st, cand, skipped = dataset_inputs(cfg, wm, out.parent)
+        rows, px, st, cand, real_end, skipped = dataset_inputs(cfg, wm, out.parent)
         texts, labels = [r["instruction"] for r in rows], np.array([[r["success"]] for r in rows])
         results.update(skipped=skipped, padded=sum(r["padded"] > 0 for r in rows))
-    scores = score_observations(wm, gm, px, st, get_instruction_encoder().encode(texts), cand, cost_cfg, cfg.goal)
+    encoder = get_instruction_encoder()
+    clauses = [encoder.encode(split_instruction(t)) for t in texts] if cfg.goal == "done" else None
+    scores = score_observations(wm, gm, px, st, encoder.encode(texts), cand, cost_cfg, cfg.goal, real_end, clauses)
     if cfg.candidates:
         rows = [{"observation": n, "candidate": m, "instruction": texts[n], "cost": float(c[m]),
                  "rank": int(r[m]), **({"label": bool(labels[n, m])} if labels is not None else {}),
-                 **{k: float(scores[k][n][m]) for k in SCORERS if k != "cost"}}
+                 **{k: float(scores[k][n][m]) for k in scores if k != "cost"}}
                 for n, c in enumerate(scores["cost"]) for r in [rankdata(c, method="min")] for m in range(len(c))]
     else:
-        for row, *v in zip(rows, *(scores[k] for k in SCORERS)):
-            row.update({k: float(x[0]) for k, x in zip(SCORERS, v)})
+        for row, *v in zip(rows, *scores.values()):
+            row.update({k: float(x[0]) for k, x in zip(scores, v)})
     if labels is not None:
         rng, y = np.random.default_rng(cfg.seed), np.asarray(labels, bool).ravel()  # [N, M] rows, as the costs
-        score = {k: -np.nan_to_num(np.concatenate(scores[k]), nan=np.inf) for k in SCORERS}  # NaN cost: worst
-        results["metrics"] = {k: ranking_metrics(score[k], y, rng, int(cfg.bootstrap)) for k in SCORERS}
+        score = {k: -np.nan_to_num(np.concatenate(v), nan=np.inf) for k, v in scores.items()}  # NaN cost: worst
+        results["metrics"] = {k: ranking_metrics(score[k], y, rng, int(cfg.bootstrap)) for k in scores}
         if not cfg.candidates:  # pooled numbers mix families of different cost scales and success rates
             fam = np.array([r["family"] for r in rows])
             results["by_family"] = {f: ranking_metrics(score["cost"][fam == f], y[fam == f], rng, 0)
@@ -218,7 +240,7 @@ def report(results: dict) -> str:
     if np.isnan(m["cost"]["auroc"]):
         r = m["cost"]
         return f"labels of one class only ({r['successes']}/{r['n']} successes): costs written, no AUROC"
-    names = {**SCORERS, "cost": GOAL_NAMES.get(results["config"].get("goal"), SCORERS["cost"])}
+    names = {**SCORERS, **REAL_END, "cost": GOAL_NAMES.get(results["config"].get("goal"), SCORERS["cost"])}
     rows = [[names[k], f"{r['auroc']:.3f}", f"[{r['auroc_ci95'][0]:.3f}, {r['auroc_ci95'][1]:.3f}]",
              f"{r['spearman']:.3f}"] for k, r in m.items()]
     r = m["cost"]

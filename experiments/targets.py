@@ -26,13 +26,14 @@ from models import WorldModel, WorldModelConfig, get_instruction_encoder
 from models.decoder import PixelDecoder, PixelDecoderConfig, world_model_digest
 from models.done import DoneModel, DoneModelConfig
 from models.goal import GoalModel, GoalModelConfig, gaussian_nll
-from models.objectives import WorldModelLossConfig, WorldModelObjective
+from models.objectives import PredictorObjective, WorldModelLossConfig, WorldModelObjective
+from models.checkpoint import load_checkpoint
 from models.vla import VLA, VLAConfig, blank
 
 
 def make_target(cfg: DictConfig):
-    targets = {"world_model": WorldModelTarget, "goal": GoalTarget, "done": DoneTarget, "vla": VLATarget,
-               "decoder": DecoderTarget}
+    targets = {"world_model": WorldModelTarget, "predictor": PredictorTarget, "goal": GoalTarget, "done": DoneTarget,
+               "vla": VLATarget, "decoder": DecoderTarget}
     if cfg.target.name not in targets:
         raise ValueError(f"unknown target {cfg.target.name!r}; choose one of {', '.join(targets)}")
     return targets[cfg.target.name](cfg)
@@ -124,6 +125,65 @@ class WorldModelTarget:
                 "seed": self.cfg.seed}
 
 
+class PredictorTarget:
+    """A trained world model's predictor fine-tuned on frozen latents (every frame encoded once) to
+    roll out `horizon` chunks, far beyond the recipe's 4. A window may start at any frame and run
+    past its episode's end: there the pusher rests (the dataset's zero actions) and the scene holds
+    (the outcome frame's latent), which is what foresight-score asks of a rollout over a task's whole
+    step budget. The encoder is copied unchanged, so goal and done models trained on it still fit."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg, t = cfg, cfg.target
+        self.model = WorldModel.load(cfg.world_model)
+        self.objective, self.modules = PredictorObjective(self.model), {"world_model": self.model}
+        self.train_ds, self.eval_ds = open_dataset(cfg.data), open_dataset(cfg.eval_data)
+        self.z, self.lang = self._encoded(self.train_ds)
+        eval_z, eval_lang = self._encoded(self.eval_ds)
+        self.eval_batch = resting_windows(self.eval_ds, eval_z, eval_lang, np.random.default_rng(0), t.eval_windows,
+                                          self.model.cfg, t.horizon)
+
+    def _encoded(self, ds: EpisodeDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_frames(self.model, ds, np.arange(len(ds.frames["state"]))), instruction_table(ds)[0]
+
+    def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
+        return resting_windows(self.train_ds, self.z, self.lang, rng, size, self.model.cfg, self.cfg.target.horizon)
+
+    def after_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Open-loop latent error on held-out windows at 1, 4 and `horizon` chunks, beside copy-last."""
+        b, h = self.eval_batch, self.model.cfg.history
+        pred = self.model.rollout(b["z"][:, :h], b["actions"], b["lang"])
+        out = {}
+        for k in sorted({1, min(4, len(pred[0])), len(pred[0])}):
+            target = b["z"][:, h + k - 1]
+            out[f"rollout_h{k}"] = float(((pred[:, k - 1] - target) ** 2).mean())
+            out[f"ratio_h{k}"] = out[f"rollout_h{k}"] / float(((b["z"][:, h - 1] - target) ** 2).mean())
+        return out
+
+    def config(self) -> dict:
+        _, saved = load_checkpoint(self.cfg.world_model)
+        return {**{k: v for k, v in saved.items() if k not in ("format", "format_version", "extra")},
+                "predictor": {"train": OmegaConf.to_container(self.cfg.target), "data": str(self.cfg.data),
+                              "world_model": str(self.cfg.world_model), "seed": self.cfg.seed}}
+
+
+def resting_windows(ds: EpisodeDataset, z: torch.Tensor, lang: torch.Tensor, rng: np.random.Generator, size: int,
+                    c: WorldModelConfig, horizon: int) -> dict[str, torch.Tensor]:
+    """PredictorObjective's batch: windows from a random frame (with an action ahead) of random
+    episodes, z [B, h + H, D] from the frames' latents z [N, D] and actions [B, H, K, A]; where a
+    window runs past its episode's outcome, the actions are zero and the outcome's latent holds."""
+    e = rng.integers(len(ds), size=size)
+    start, outcome = ds.starts[e][:, None], (ds.starts[e] + ds.lengths[e])[:, None]
+    t = start + (rng.random((size, 1)) * ds.lengths[e][:, None]).astype(np.int64)
+    frames = np.clip(t + np.arange(1 - c.history, horizon + 1) * c.chunk, start, outcome)
+    steps = np.minimum(t + np.arange(horizon * c.chunk), outcome)  # the outcome frame's action is zero
+    actions = torch.from_numpy(ds.frames["action"][steps]).view(size, horizon, c.chunk, -1)
+    return {"z": z[frames], "actions": actions, "lang": lang[e]}
+
+
 def episode_pads(ds: EpisodeDataset) -> torch.Tensor:
     """xy of each pad colour in each episode [E, len(COLOURS), 2], NaN where the episode has none."""
     return torch.tensor(colour_positions(ds, ds.starts.astype(np.int64), np.arange(len(ds)), "pads"), dtype=torch.float32)
@@ -202,7 +262,8 @@ class DoneTarget:
         self.model_cfg = DoneModelConfig(**t.model, latent_dim=world_model.cfg.latent_dim)
         self.model = _build(cfg.seed, lambda: DoneModel(self.model_cfg))
         self.objective, self.modules = self.model, {"done": self.model}
-        self.train = SubgoalFrames(world_model, open_dataset(cfg.data), np.random.default_rng([cfg.seed, 1]), t.examples)
+        self.train = SubgoalFrames(world_model, open_dataset(cfg.data), np.random.default_rng([cfg.seed, 1]), t.examples,
+                                   t.imagine)
         self.eval = SubgoalFrames(world_model, open_dataset(cfg.eval_data), np.random.default_rng(1), t.eval_examples)
 
     def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
@@ -335,12 +396,17 @@ def relabel_subgoals(ds: EpisodeDataset, rng: np.random.Generator, n: int, own_s
 
 class SubgoalFrames:
     """relabel_subgoals' rows as the done model's batches: target latents of the frames (each frame
-    encoded once) and the instructions' embeddings (each text encoded once)."""
+    encoded once), or with `imagine` > 0 the latents the world model imagines for them (see
+    imagined_latents), and the instructions' embeddings (each text encoded once)."""
 
-    def __init__(self, world_model: WorldModel, ds: EpisodeDataset, rng: np.random.Generator, n: int):
+    def __init__(self, world_model: WorldModel, ds: EpisodeDataset, rng: np.random.Generator, n: int,
+                 imagine: int = 0):
         frames, texts, self.kinds, labels = relabel_subgoals(ds, rng, n)
-        unique, self.frame_row = np.unique(frames, return_inverse=True)
-        self.z = encode_frames(world_model, ds, unique)
+        if imagine:
+            self.z, self.frame_row = imagined_latents(world_model, ds, frames, rng, imagine), np.arange(n)
+        else:
+            unique, self.frame_row = np.unique(frames, return_inverse=True)
+            self.z = encode_frames(world_model, ds, unique)
         vocabulary = sorted(set(texts))
         index = {text: i for i, text in enumerate(vocabulary)}
         self.lang, self.text_row = get_instruction_encoder().encode(vocabulary), np.array([index[t] for t in texts])
@@ -351,6 +417,32 @@ class SubgoalFrames:
 
     def batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         return {"z": self.z[self.frame_row[rows]], "lang": self.lang[self.text_row[rows]], "label": self.labels[rows]}
+
+
+@torch.no_grad()
+def imagined_latents(world_model: WorldModel, ds: EpisodeDataset, frames: np.ndarray, rng: np.random.Generator,
+                     most: int, batch: int = 4096) -> torch.Tensor:
+    """[len(frames), D]: each frame's latent as the world model imagines it from k chunks earlier in
+    its episode through the recorded actions, under the episode's instruction, k drawn uniformly from
+    0 (the real latent) to `most` (fewer where the episode began later). A scorer reads end states
+    imagined many chunks ahead; a model trained on them reads imagination's errors too."""
+    c = world_model.cfg
+    episode = np.searchsorted(ds.starts, frames, side="right") - 1
+    start = ds.starts[episode]
+    k = np.minimum(rng.integers(most + 1, size=len(frames)), (frames - start) // c.chunk)
+    origin = frames - k * c.chunk
+    history = np.maximum(origin[:, None] + np.arange(1 - c.history, 1) * c.chunk, start[:, None])  # [N, h]
+    needed, row = np.unique(np.concatenate([history.ravel(), frames]), return_inverse=True)
+    z = encode_frames(world_model, ds, needed)
+    z_history, out = z[row[:history.size]].view(*history.shape, -1), z[row[history.size:]].clone()
+    lang, actions = instruction_table(ds)[0], torch.from_numpy(ds.frames["action"])
+    for steps in range(1, most + 1):
+        rows = np.flatnonzero(k == steps)
+        for lo in range(0, len(rows), batch):
+            r = rows[lo:lo + batch]
+            chunks = actions[origin[r, None] + np.arange(steps * c.chunk)].view(len(r), steps, c.chunk, -1)
+            out[r] = world_model.rollout(z_history[r], chunks, lang[episode[r]])[:, -1]
+    return out
 
 
 @torch.no_grad()

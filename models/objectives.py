@@ -76,6 +76,37 @@ class WorldModelLossConfig:
         return asdict(self)
 
 
+def prediction_losses(model: WorldModel, z: torch.Tensor, target: torch.Tensor, actions: torch.Tensor,
+                      lang: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The predictor's two losses over a window: z [B, h + H, D] (h history latents, then one per
+    chunk), target [B, H, D], actions [B, H, K, A], lang [B, L] -> (the open-loop rollout [B, H, D],
+    its mean squared error, the teacher-forced one-step error)."""
+    h = z.shape[1] - actions.shape[1]
+    pred = model.rollout(z[:, :h], actions, lang)
+    # Teacher forcing: every chunk k predicted from the h latents just before it.
+    hist = z[:, :-1].unfold(1, h, 1).permute(0, 1, 3, 2)  # [B, H, h, D]
+    lang_cond = model.predictor.language_condition(lang).repeat_interleave(actions.shape[1], 0)
+    one = model.predictor.step(hist.flatten(0, 1), actions.flatten(0, 1), lang_cond)
+    return pred, F.mse_loss(pred, target), F.mse_loss(one, target.flatten(0, 1))
+
+
+class PredictorObjective(nn.Module):
+    """The predictor alone, on latents a frozen encoder made: multi-step plus one-step error. For
+    fine-tuning a trained world model to roll out further than its recipe's horizon."""
+
+    def __init__(self, model: WorldModel):
+        super().__init__()
+        self.model = model
+        model.encoder.requires_grad_(False)
+
+    def forward(self, z: torch.Tensor, actions: torch.Tensor, lang: torch.Tensor,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """z [B, h + H, D] (history, then the latent after each chunk), actions [B, H, K, A], lang [B, L]."""
+        h = z.shape[1] - actions.shape[1]
+        _, multistep, onestep = prediction_losses(self.model, z, z[:, h:], actions, lang)
+        return {"loss": multistep + onestep, "multistep": multistep.detach(), "onestep": onestep.detach()}
+
+
 class WorldModelObjective(nn.Module):
     """Wraps the world model to compute its losses (one module, so DDP can wrap it)."""
 
@@ -114,14 +145,7 @@ class WorldModelObjective(nn.Module):
         z = self.model.encode(frames, states)  # [B, h + H, D], online
         target = z.detach()[:, h:] if not self.model.cfg.ema_target else self.model.encode_target(frames, states)[:, h:]
         out = {}
-        pred = self.model.rollout(z[:, :h], actions, lang)
-        out["multistep"] = F.mse_loss(pred, target)
-        # Teacher forcing: every chunk k predicted from the h online latents just before it.
-        n_chunks = actions.shape[1]
-        hist = z[:, :-1].unfold(1, h, 1).permute(0, 1, 3, 2)  # [B, H, h, D]
-        lang_cond = self.model.predictor.language_condition(lang).repeat_interleave(n_chunks, 0)
-        one = self.model.predictor.step(hist.flatten(0, 1), actions.flatten(0, 1), lang_cond)
-        out["onestep"] = F.mse_loss(one, target.flatten(0, 1))
+        pred, out["multistep"], out["onestep"] = prediction_losses(self.model, z, target, actions, lang)
         if self.inverse_head is not None:
             pairs = torch.cat([z[:, h - 1:-1], z[:, h:]], dim=-1)  # consecutive latents around each chunk
             out["inverse"] = F.mse_loss(self.inverse_head(pairs), actions.flatten(2))

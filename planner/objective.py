@@ -71,6 +71,12 @@ class Goal:
         mean, log_var = goal_model.predict(lang, z_now)
         return cls(latent=mean[0], log_var=log_var[0])
 
+    @classmethod
+    def from_done(cls, done_model, clauses: torch.Tensor) -> "Goal":
+        """The done model as a critic: the log-probability that every clause [C, L] of the
+        instruction holds in the frame of z."""
+        return cls(critic=lambda z: sum(F.logsigmoid(done_model.logit(z, clause[None])) for clause in clauses))
+
     def __post_init__(self):
         if (self.latent is None) == (self.critic is None):
             raise ValueError("a Goal needs exactly one of latent (a goal embedding) or critic (a scorer)")

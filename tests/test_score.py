@@ -63,13 +63,29 @@ def test_candidates_are_ranked_by_their_imagined_end_state_not_their_path():
     assert out["cost"][0] == pytest.approx([0.0, np.hypot(3, 1), 2.0, 0.0])
     assert out["cost_goal_z0"][0] == pytest.approx([2.0, np.hypot(1, 1), 0.0, 2.0])
     assert out["path_length"][0] == pytest.approx([2.0, 2.0, 2.0, 1 + np.sqrt(5)])
+    assert "cost_real_end" not in out  # only with the real frames the actions led to
+
+
+def test_the_real_end_frame_is_scored_under_the_same_goal_without_imagination():
+    class ShiftedWorld(PointWorld):  # the encoder reads the state's first two entries as the point
+        def encode(self, pixels, state):
+            return state[..., :2]
+
+    state = np.array([[[0.0, 0.0, 0.0, 0.0]], [[2.0, 0.0, 0.0, 0.0]]], np.float32)  # first frames
+    end = np.array([[[2.0, 0.0, 0.0, 0.0]], [[5.0, 4.0, 0.0, 0.0]]], np.float32)  # where each episode ended
+    pixels = np.zeros((2, 1, 1, 4, 4, 3), np.uint8)
+    plans = [torch.zeros(1, 1, 1, 2)] * 2  # resting plans: imagination ends where it started
+    out = score_observations(ShiftedWorld(), FixedGoal(), pixels, state, torch.zeros(2, 384), plans, CostConfig(),
+                             real_end=(pixels, end))
+    assert [c[0] for c in out["cost"]] == pytest.approx([2.0, 0.0])
+    assert [c[0] for c in out["cost_real_end"]] == pytest.approx([0.0, 5.0])  # |(2,0)-(2,0)|, |(5,4)-(2,0)|
 
 
 def test_dataset_mode_writes_one_row_per_episode_with_finite_costs(tmp_path, tiny_dataset, tiny_checkpoints):
     results, path = run(config(tmp_path, tiny_checkpoints, data=str(tiny_dataset)))
     rows = pd.read_csv(tmp_path / "scores.csv")
     assert len(rows) == 10 and list(rows.episode) == list(range(10))
-    assert np.isfinite(rows[["cost", "cost_goal_z0", "path_length"]].to_numpy()).all()
+    assert np.isfinite(rows[["cost", "cost_goal_z0", "path_length", "cost_real_end"]].to_numpy()).all()
     assert (rows.horizon == 10).all()  # the 80-step budget of both families in chunks of 8, for every episode
     assert (rows.padded == 80 - np.minimum(rows.length, 80)).all()
     assert path == tmp_path / "results.json" and results["skipped"] == 0

@@ -19,8 +19,8 @@ from envs.experts import PUSHER_TOP
 from envs.scene import TABLE_RGB, image_coords
 from experiments.common import CONFIG_DIR
 from experiments.evaluate import evaluate, report
-from experiments.targets import (first_of_each_family, make_target, named_point_targets, random_shift,
-                                 relabel_subgoals, table_symmetry)
+from experiments.targets import (first_of_each_family, imagined_latents, make_target, named_point_targets,
+                                 random_shift, relabel_subgoals, table_symmetry)
 from experiments.train import train
 from models import WorldModel
 from models.checkpoint import load_checkpoint
@@ -103,6 +103,26 @@ def test_goal_model_with_a_value_head_and_the_done_model_train_on_the_frozen_wor
     assert "goal retrieval" in report(results)
 
 
+def test_the_predictor_fine_tunes_for_long_rollouts_that_rest_after_the_episode_and_keeps_the_encoder(
+        tmp_path, tiny_dataset):
+    train(config(tmp_path / "wm", tiny_dataset, "target.steps=5"), tmp_path / "wm_run")
+    cfg = config(tmp_path / "long", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out",
+                 "target.steps=60", "target.lr=3e-3", "target.horizon=12", "target.eval_every=60", "target.eval_windows=64",
+                 tiny=COMMON)
+    first = make_target(cfg)
+    b = first.batch(np.random.default_rng(0), 64)
+    assert b["z"].shape == (64, 2 + 12, 16) and b["actions"].shape == (64, 12, 8, 2)
+    # 12 chunks run past every tiny episode's end (80 steps at most): the pusher rests there, the scene holds
+    assert (b["actions"][:, -1] == 0).all() and torch.equal(b["z"][:, -1], b["z"][:, -2])
+    final = train(cfg, tmp_path / "long_run")
+    logged = [m["loss"] for m in metrics(tmp_path / "long_run/metrics.jsonl") if "loss" in m]
+    assert np.mean(logged[-10:]) < np.mean(logged[:10]) and final["ratio_h12"] > 0
+    before, after = WorldModel.load(tmp_path / "wm/out"), WorldModel.load(tmp_path / "long/out")
+    assert all(torch.equal(p, q) for p, q in zip(before.encoder.parameters(), after.encoder.parameters()))
+    assert not torch.equal(before.predictor.out.weight, after.predictor.out.weight)
+    assert load_checkpoint(tmp_path / "long/out")[1]["predictor"]["train"]["horizon"] == 12
+
+
 def test_relabelled_subgoals_hold_where_the_episodes_succeeded_and_not_at_their_start(tiny_dataset):
     """The done model's labels, read from the privileged state: an episode's own subgoal holds at the
     last frame of a successful one-step episode and at no episode's first frame (the tasks are laid
@@ -117,6 +137,35 @@ def test_relabelled_subgoals_hold_where_the_episodes_succeeded_and_not_at_their_
     assert all(ds.task(int(e))["subgoals"][0]["object"] in t for e, t in zip(episode[:50], texts[:50]))
     _, _, kinds, labels = relabel_subgoals(ds, np.random.default_rng(1), 3000, own_share=0.0)
     assert set(kinds) == {"touch", "pad", "region"} and 0.02 < labels[kinds == "region"].mean() < 0.9
+
+
+class PusherWorld:
+    """A stand-in world model whose latent is the pusher's state (x, y) and whose rollout adds each
+    chunk's summed actions: so an imagined latent says which actions were rolled from which frame."""
+
+    cfg = type("cfg", (), {"chunk": 8, "history": 2})
+
+    def encode_target(self, pixels, state):
+        return state[..., :2]
+
+    def rollout(self, z_hist, chunks, lang):
+        return z_hist[:, -1:] + chunks.sum(2).cumsum(1)
+
+
+def test_imagined_latents_roll_the_episodes_own_actions_from_up_to_that_many_chunks_back(tiny_dataset):
+    ds = EpisodeDataset(tiny_dataset, load=True)
+    frames, _, _, _ = relabel_subgoals(ds, np.random.default_rng(0), 400)
+    state, actions = ds.frames["state"][:, :2], ds.frames["action"]
+    assert np.allclose(imagined_latents(PusherWorld(), ds, frames, np.random.default_rng(0), 0), state[frames])
+    z = imagined_latents(PusherWorld(), ds, frames, np.random.default_rng(0), 3).numpy()
+    start = ds.starts[np.searchsorted(ds.starts, frames, side="right") - 1]
+    back = []
+    for f, s, latent in zip(frames, start, z):  # which origin explains the latent: f - 8k, inside the episode
+        fits = [k for k in range(4) if f - 8 * k >= s and np.allclose(latent, state[f - 8 * k] + actions[f - 8 * k:f].sum(0),
+                                                                      atol=1e-4)]
+        assert fits, f"frame {f}: no origin up to 3 chunks back in its episode gives {latent}"
+        back.append(fits[0])
+    assert set(back) == {0, 1, 2, 3}
 
 
 def test_random_shift_reports_how_far_the_content_moved():
