@@ -23,11 +23,11 @@ from envs.scene import COLOURS, SHAPES, image_coords
 from envs.tasks import REGIONS, TEMPLATES, Subgoal, subgoal_met
 from experiments.evaluate import colour_positions
 from models import WorldModel, WorldModelConfig, get_instruction_encoder
+from models.checkpoint import load_checkpoint
 from models.decoder import PixelDecoder, PixelDecoderConfig, world_model_digest
 from models.done import DoneModel, DoneModelConfig
 from models.goal import GoalModel, GoalModelConfig, gaussian_nll
 from models.objectives import PredictorObjective, WorldModelLossConfig, WorldModelObjective
-from models.checkpoint import load_checkpoint
 from models.vla import VLA, VLAConfig, blank
 
 
@@ -262,8 +262,7 @@ class DoneTarget:
         self.model_cfg = DoneModelConfig(**t.model, latent_dim=world_model.cfg.latent_dim)
         self.model = _build(cfg.seed, lambda: DoneModel(self.model_cfg))
         self.objective, self.modules = self.model, {"done": self.model}
-        self.train = SubgoalFrames(world_model, open_dataset(cfg.data), np.random.default_rng([cfg.seed, 1]), t.examples,
-                                   t.imagine)
+        self.train = SubgoalFrames(world_model, open_dataset(cfg.data), np.random.default_rng([cfg.seed, 1]), t.examples)
         self.eval = SubgoalFrames(world_model, open_dataset(cfg.eval_data), np.random.default_rng(1), t.eval_examples)
 
     def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
@@ -396,17 +395,12 @@ def relabel_subgoals(ds: EpisodeDataset, rng: np.random.Generator, n: int, own_s
 
 class SubgoalFrames:
     """relabel_subgoals' rows as the done model's batches: target latents of the frames (each frame
-    encoded once), or with `imagine` > 0 the latents the world model imagines for them (see
-    imagined_latents), and the instructions' embeddings (each text encoded once)."""
+    encoded once) and the instructions' embeddings (each text encoded once)."""
 
-    def __init__(self, world_model: WorldModel, ds: EpisodeDataset, rng: np.random.Generator, n: int,
-                 imagine: int = 0):
+    def __init__(self, world_model: WorldModel, ds: EpisodeDataset, rng: np.random.Generator, n: int):
         frames, texts, self.kinds, labels = relabel_subgoals(ds, rng, n)
-        if imagine:
-            self.z, self.frame_row = imagined_latents(world_model, ds, frames, rng, imagine), np.arange(n)
-        else:
-            unique, self.frame_row = np.unique(frames, return_inverse=True)
-            self.z = encode_frames(world_model, ds, unique)
+        unique, self.frame_row = np.unique(frames, return_inverse=True)
+        self.z = encode_frames(world_model, ds, unique)
         vocabulary = sorted(set(texts))
         index = {text: i for i, text in enumerate(vocabulary)}
         self.lang, self.text_row = get_instruction_encoder().encode(vocabulary), np.array([index[t] for t in texts])
@@ -417,32 +411,6 @@ class SubgoalFrames:
 
     def batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         return {"z": self.z[self.frame_row[rows]], "lang": self.lang[self.text_row[rows]], "label": self.labels[rows]}
-
-
-@torch.no_grad()
-def imagined_latents(world_model: WorldModel, ds: EpisodeDataset, frames: np.ndarray, rng: np.random.Generator,
-                     most: int, batch: int = 4096) -> torch.Tensor:
-    """[len(frames), D]: each frame's latent as the world model imagines it from k chunks earlier in
-    its episode through the recorded actions, under the episode's instruction, k drawn uniformly from
-    0 (the real latent) to `most` (fewer where the episode began later). A scorer reads end states
-    imagined many chunks ahead; a model trained on them reads imagination's errors too."""
-    c = world_model.cfg
-    episode = np.searchsorted(ds.starts, frames, side="right") - 1
-    start = ds.starts[episode]
-    k = np.minimum(rng.integers(most + 1, size=len(frames)), (frames - start) // c.chunk)
-    origin = frames - k * c.chunk
-    history = np.maximum(origin[:, None] + np.arange(1 - c.history, 1) * c.chunk, start[:, None])  # [N, h]
-    needed, row = np.unique(np.concatenate([history.ravel(), frames]), return_inverse=True)
-    z = encode_frames(world_model, ds, needed)
-    z_history, out = z[row[:history.size]].view(*history.shape, -1), z[row[history.size:]].clone()
-    lang, actions = instruction_table(ds)[0], torch.from_numpy(ds.frames["action"])
-    for steps in range(1, most + 1):
-        rows = np.flatnonzero(k == steps)
-        for lo in range(0, len(rows), batch):
-            r = rows[lo:lo + batch]
-            chunks = actions[origin[r, None] + np.arange(steps * c.chunk)].view(len(r), steps, c.chunk, -1)
-            out[r] = world_model.rollout(z_history[r], chunks, lang[episode[r]])[:, -1]
-    return out
 
 
 @torch.no_grad()

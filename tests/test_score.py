@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from scipy.stats import spearmanr
 
 from experiments.score import ranking_metrics, run, score_observations
-from planner import CostConfig
+from planner import CostConfig, Goal
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "score.yaml"
 
@@ -130,3 +130,15 @@ def test_candidates_mode_rejects_a_bad_shape_saying_what_to_fix(tmp_path, tiny_c
     path = candidates_file(tmp_path / "bad.npz", **replace)
     with pytest.raises(ValueError, match=message):
         run(config(tmp_path, tiny_checkpoints, candidates=str(path)))
+
+
+def test_the_done_goal_costs_minus_the_log_probability_that_every_clause_holds():
+    class LatentMinusClause:  # a stand-in done model: logit = z's first entry - the clause's first entry
+        def logit(self, z, lang):
+            return z[:, 0] - lang[:, 0]
+
+    goal = Goal.from_done(LatentMinusClause(), torch.tensor([[0.0], [2.0]]))  # two clauses
+    z = torch.tensor([[1.0, 5.0], [3.0, -5.0]])
+    holds = torch.nn.functional.logsigmoid
+    assert torch.allclose(goal.cost(z, "l2"), -(holds(z[:, 0]) + holds(z[:, 0] - 2)))
+    assert goal.cost(z, "l2")[1] < goal.cost(z, "l2")[0]  # further past both clauses' bars: cheaper

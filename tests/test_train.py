@@ -19,8 +19,8 @@ from envs.experts import PUSHER_TOP
 from envs.scene import TABLE_RGB, image_coords
 from experiments.common import CONFIG_DIR
 from experiments.evaluate import evaluate, report
-from experiments.targets import (first_of_each_family, imagined_latents, make_target, named_point_targets,
-                                 random_shift, relabel_subgoals, table_symmetry)
+from experiments.targets import (first_of_each_family, make_target, named_point_targets, random_shift,
+                                 relabel_subgoals, table_symmetry)
 from experiments.train import train
 from models import WorldModel
 from models.checkpoint import load_checkpoint
@@ -137,35 +137,6 @@ def test_relabelled_subgoals_hold_where_the_episodes_succeeded_and_not_at_their_
     assert all(ds.task(int(e))["subgoals"][0]["object"] in t for e, t in zip(episode[:50], texts[:50]))
     _, _, kinds, labels = relabel_subgoals(ds, np.random.default_rng(1), 3000, own_share=0.0)
     assert set(kinds) == {"touch", "pad", "region"} and 0.02 < labels[kinds == "region"].mean() < 0.9
-
-
-class PusherWorld:
-    """A stand-in world model whose latent is the pusher's state (x, y) and whose rollout adds each
-    chunk's summed actions: so an imagined latent says which actions were rolled from which frame."""
-
-    cfg = type("cfg", (), {"chunk": 8, "history": 2})
-
-    def encode_target(self, pixels, state):
-        return state[..., :2]
-
-    def rollout(self, z_hist, chunks, lang):
-        return z_hist[:, -1:] + chunks.sum(2).cumsum(1)
-
-
-def test_imagined_latents_roll_the_episodes_own_actions_from_up_to_that_many_chunks_back(tiny_dataset):
-    ds = EpisodeDataset(tiny_dataset, load=True)
-    frames, _, _, _ = relabel_subgoals(ds, np.random.default_rng(0), 400)
-    state, actions = ds.frames["state"][:, :2], ds.frames["action"]
-    assert np.allclose(imagined_latents(PusherWorld(), ds, frames, np.random.default_rng(0), 0), state[frames])
-    z = imagined_latents(PusherWorld(), ds, frames, np.random.default_rng(0), 3).numpy()
-    start = ds.starts[np.searchsorted(ds.starts, frames, side="right") - 1]
-    back = []
-    for f, s, latent in zip(frames, start, z):  # which origin explains the latent: f - 8k, inside the episode
-        fits = [k for k in range(4) if f - 8 * k >= s and np.allclose(latent, state[f - 8 * k] + actions[f - 8 * k:f].sum(0),
-                                                                      atol=1e-4)]
-        assert fits, f"frame {f}: no origin up to 3 chunks back in its episode gives {latent}"
-        back.append(fits[0])
-    assert set(back) == {0, 1, 2, 3}
 
 
 def test_random_shift_reports_how_far_the_content_moved():
