@@ -135,6 +135,9 @@ class PredictorTarget:
     def __init__(self, cfg: DictConfig):
         self.cfg, t = cfg, cfg.target
         self.model = WorldModel.load(cfg.world_model)
+        # What config.json records: the starting model's own record (read once, not at every checkpoint).
+        saved = load_checkpoint(cfg.world_model)[1]
+        self.saved = {k: v for k, v in saved.items() if k not in ("format", "format_version", "extra")}
         self.objective, self.modules = PredictorObjective(self.model), {"world_model": self.model}
         self.train_ds, self.eval_ds = open_dataset(cfg.data), open_dataset(cfg.eval_data)
         self.z, self.lang = self._encoded(self.train_ds)
@@ -164,10 +167,8 @@ class PredictorTarget:
         return out
 
     def config(self) -> dict:
-        _, saved = load_checkpoint(self.cfg.world_model)
-        return {**{k: v for k, v in saved.items() if k not in ("format", "format_version", "extra")},
-                "predictor": {"train": OmegaConf.to_container(self.cfg.target), "data": str(self.cfg.data),
-                              "world_model": str(self.cfg.world_model), "seed": self.cfg.seed}}
+        return {**self.saved, "predictor": {"train": OmegaConf.to_container(self.cfg.target), "data": str(self.cfg.data),
+                                             "world_model": str(self.cfg.world_model), "seed": self.cfg.seed}}
 
 
 def resting_windows(ds: EpisodeDataset, z: torch.Tensor, lang: torch.Tensor, rng: np.random.Generator, size: int,
