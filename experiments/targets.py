@@ -29,6 +29,7 @@ from models.done import DoneModel, DoneModelConfig
 from models.goal import GoalModel, GoalModelConfig, gaussian_nll
 from models.objectives import PredictorObjective, WorldModelLossConfig, WorldModelObjective
 from models.vla import VLA, VLAConfig, blank
+from planner.subgoals import split_instruction
 
 
 def make_target(cfg: DictConfig):
@@ -130,7 +131,10 @@ class PredictorTarget:
     roll out `horizon` chunks, far beyond the recipe's 4. A window may start at any frame and run
     past its episode's end: there the pusher rests (the dataset's zero actions) and the scene holds
     (the outcome frame's latent), which is what foresight-score asks of a rollout over a task's whole
-    step budget. The encoder is copied unchanged, so goal and done models trained on it still fit."""
+    step budget; a share `start_share` of the windows start at the episode's first frame, where
+    foresight-score starts. With `done` (a done model's checkpoint), the objective also asks that the
+    done model read each imagined latent as it reads the real one (models/objectives.py). The encoder
+    is copied unchanged, so goal and done models trained on it still fit."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg, t = cfg, cfg.target
@@ -138,25 +142,30 @@ class PredictorTarget:
         # What config.json records: the starting model's own record (read once, not at every checkpoint).
         saved = load_checkpoint(cfg.world_model)[1]
         self.saved = {k: v for k, v in saved.items() if k not in ("format", "format_version", "extra")}
-        self.objective, self.modules = PredictorObjective(self.model), {"world_model": self.model}
+        done = DoneModel.load(t.done) if t.done else None
+        self.objective = PredictorObjective(self.model, done, t.done_weight)
+        self.modules = {"world_model": self.model}
         self.train_ds, self.eval_ds = open_dataset(cfg.data), open_dataset(cfg.eval_data)
-        self.z, self.lang = self._encoded(self.train_ds)
-        eval_z, eval_lang = self._encoded(self.eval_ds)
-        self.eval_batch = resting_windows(self.eval_ds, eval_z, eval_lang, np.random.default_rng(0), t.eval_windows,
-                                          self.model.cfg, t.horizon)
+        self.train_data, eval_data = self._encoded(self.train_ds), self._encoded(self.eval_ds)
+        self.eval_batch = resting_windows(self.eval_ds, *eval_data, np.random.default_rng(0), t.eval_windows,
+                                          self.model.cfg, t.horizon, t.start_share)
 
-    def _encoded(self, ds: EpisodeDataset) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode_frames(self.model, ds, np.arange(len(ds.frames["state"]))), instruction_table(ds)[0]
+    def _encoded(self, ds: EpisodeDataset) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """Every frame's latent [N, D], each episode's instruction [E, L] and, for the done term, clauses."""
+        z = encode_frames(self.model, ds, np.arange(len(ds.frames["state"])))
+        return z, instruction_table(ds)[0], clause_table(ds) if self.objective.done_model is not None else None
 
     def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
-        return resting_windows(self.train_ds, self.z, self.lang, rng, size, self.model.cfg, self.cfg.target.horizon)
+        t = self.cfg.target
+        return resting_windows(self.train_ds, *self.train_data, rng, size, self.model.cfg, t.horizon, t.start_share)
 
     def after_step(self) -> None:
         pass
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Open-loop latent error on held-out windows at 1, 4 and `horizon` chunks, beside copy-last."""
+        """Open-loop latent error on held-out windows at 1, 4 and `horizon` chunks, beside copy-last;
+        with a done model, how far its reading of the last imagined latent is from that of the real one."""
         b, h = self.eval_batch, self.model.cfg.history
         pred = self.model.rollout(b["z"][:, :h], b["actions"], b["lang"])
         out = {}
@@ -164,6 +173,10 @@ class PredictorTarget:
             target = b["z"][:, h + k - 1]
             out[f"rollout_h{k}"] = float(((pred[:, k - 1] - target) ** 2).mean())
             out[f"ratio_h{k}"] = out[f"rollout_h{k}"] / float(((b["z"][:, h - 1] - target) ** 2).mean())
+        if self.objective.done_model is not None:
+            p = torch.sigmoid(self.objective.clause_logits(torch.stack([pred[:, -1], b["z"][:, -1]], 1), b["clauses"]))
+            gap = (p[:, 0] - p[:, 1]).abs()
+            out[f"done_gap_h{len(pred[0])}"] = float((gap * b["clause_mask"]).sum() / b["clause_mask"].sum())
         return out
 
     def config(self) -> dict:
@@ -171,18 +184,37 @@ class PredictorTarget:
                                              "world_model": str(self.cfg.world_model), "seed": self.cfg.seed}}
 
 
-def resting_windows(ds: EpisodeDataset, z: torch.Tensor, lang: torch.Tensor, rng: np.random.Generator, size: int,
-                    c: WorldModelConfig, horizon: int) -> dict[str, torch.Tensor]:
-    """PredictorObjective's batch: windows from a random frame (with an action ahead) of random
-    episodes, z [B, h + H, D] from the frames' latents z [N, D] and actions [B, H, K, A]; where a
-    window runs past its episode's outcome, the actions are zero and the outcome's latent holds."""
+def clause_table(ds: EpisodeDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per episode, its instruction's clauses (planner/subgoals.py), embedded and zero-padded
+    [E, C, L], and which exist [E, C]."""
+    clauses = [split_instruction(text) for text in ds.instructions]
+    vocabulary = sorted({c for cs in clauses for c in cs})
+    lang = get_instruction_encoder().encode(vocabulary)
+    index = {text: i for i, text in enumerate(vocabulary)}
+    table, mask = torch.zeros(len(ds), max(map(len, clauses)), lang.shape[1]), torch.zeros(len(ds), max(map(len, clauses)))
+    for e, cs in enumerate(clauses):
+        table[e, :len(cs)], mask[e, :len(cs)] = lang[[index[c] for c in cs]], 1.0
+    return table, mask
+
+
+def resting_windows(ds: EpisodeDataset, z: torch.Tensor, lang: torch.Tensor, clauses: tuple | None,
+                    rng: np.random.Generator, size: int, c: WorldModelConfig, horizon: int,
+                    start_share: float = 0.0) -> dict[str, torch.Tensor]:
+    """PredictorObjective's batch: windows from a random frame (with an action ahead; the episode's
+    first with probability start_share) of random episodes, z [B, h + H, D] from the frames' latents
+    z [N, D] and actions [B, H, K, A]; where a window runs past its episode's outcome, the actions are
+    zero and the outcome's latent holds. With clauses (clause_table's), each window's too."""
     e = rng.integers(len(ds), size=size)
     start, outcome = ds.starts[e][:, None], (ds.starts[e] + ds.lengths[e])[:, None]
     t = start + (rng.random((size, 1)) * ds.lengths[e][:, None]).astype(np.int64)
+    t = np.where(rng.random((size, 1)) < start_share, start, t)
     frames = np.clip(t + np.arange(1 - c.history, horizon + 1) * c.chunk, start, outcome)
     steps = np.minimum(t + np.arange(horizon * c.chunk), outcome)  # the outcome frame's action is zero
     actions = torch.from_numpy(ds.frames["action"][steps]).view(size, horizon, c.chunk, -1)
-    return {"z": z[frames], "actions": actions, "lang": lang[e]}
+    out = {"z": z[frames], "actions": actions, "lang": lang[e]}
+    if clauses is not None:
+        out["clauses"], out["clause_mask"] = clauses[0][e], clauses[1][e]
+    return out
 
 
 def episode_pads(ds: EpisodeDataset) -> torch.Tensor:

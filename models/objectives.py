@@ -92,19 +92,57 @@ def prediction_losses(model: WorldModel, z: torch.Tensor, target: torch.Tensor, 
 
 class PredictorObjective(nn.Module):
     """The predictor alone, on latents a frozen encoder made: multi-step plus one-step error. For
-    fine-tuning a trained world model to roll out further than its recipe's horizon."""
+    fine-tuning a trained world model to roll out further than its recipe's horizon.
 
-    def __init__(self, model: WorldModel):
+    With a done model (frozen, models/done.py), a third term asks that it read each imagined latent
+    as it reads the real one, for each clause of the window's instruction:
+
+        done · mean_{k,c} BCE(logit(ẑ_k, c), σ(logit(z_k, c)))
+
+    The latent error weighs all D entries alike, and most of them (the scene, the pusher) say little
+    about whether an instruction holds; this term weighs what decides it, which is what offline
+    scoring reads off an end state imagined 10 to 20 chunks ahead. It is value equivalence, as
+    MuZero and TD-MPC train their latent dynamics through reward and value heads; the labels are the
+    done model's own readings of real frames, not outcomes.
+    """
+
+    def __init__(self, model: WorldModel, done_model: nn.Module | None = None, done_weight: float = 0.0):
         super().__init__()
-        self.model = model
+        if done_weight > 0 and done_model is None:
+            raise ValueError("the done term needs a done model; set target.done to its checkpoint, or done_weight=0")
+        self.model, self.done_weight = model, done_weight
         model.encoder.requires_grad_(False)
+        self.done_model = done_model.requires_grad_(False).eval() if done_model is not None else None
 
-    def forward(self, z: torch.Tensor, actions: torch.Tensor, lang: torch.Tensor,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """z [B, h + H, D] (history, then the latent after each chunk), actions [B, H, K, A], lang [B, L]."""
+    def train(self, mode: bool = True) -> "PredictorObjective":
+        super().train(mode)
+        if self.done_model is not None:
+            self.done_model.eval()  # a frozen reader: its dropout stays off
+        return self
+
+    def forward(self, z: torch.Tensor, actions: torch.Tensor, lang: torch.Tensor, clauses: torch.Tensor | None = None,
+                clause_mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """z [B, h + H, D] (history, then the latent after each chunk), actions [B, H, K, A], lang [B, L];
+        for the done term, the instruction's clauses [B, C, L] and which of them exist [B, C]."""
         h = z.shape[1] - actions.shape[1]
-        _, multistep, onestep = prediction_losses(self.model, z, z[:, h:], actions, lang)
-        return {"loss": multistep + onestep, "multistep": multistep.detach(), "onestep": onestep.detach()}
+        pred, multistep, onestep = prediction_losses(self.model, z, z[:, h:], actions, lang)
+        out = {"multistep": multistep.detach(), "onestep": onestep.detach()}
+        loss = multistep + onestep
+        if self.done_weight > 0:
+            if clauses is None or clause_mask is None:
+                raise ValueError("the done term needs each window's clauses [B, C, L] and clause_mask [B, C]")
+            with torch.no_grad():
+                real = torch.sigmoid(self.clause_logits(z[:, h:], clauses))
+            bce = F.binary_cross_entropy_with_logits(self.clause_logits(pred, clauses), real, reduction="none")
+            done = (bce * clause_mask[:, None]).sum() / (clause_mask.sum() * pred.shape[1]).clamp(min=1)
+            loss, out["done"] = loss + self.done_weight * done, done.detach()
+        return {"loss": loss, **out}
+
+    def clause_logits(self, z: torch.Tensor, clauses: torch.Tensor) -> torch.Tensor:
+        """The done model's logit for every latent z [B, H, D] and clause [B, C, L] -> [B, H, C]."""
+        (b, n, d), c = z.shape, clauses.shape[1]
+        zz = z[:, :, None].expand(b, n, c, d).flatten(0, 2)
+        return self.done_model.logit(zz, clauses[:, None].expand(b, n, c, -1).flatten(0, 2)).view(b, n, c)
 
 
 class WorldModelObjective(nn.Module):

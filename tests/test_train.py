@@ -108,12 +108,15 @@ def test_the_predictor_fine_tunes_for_long_rollouts_that_rest_after_the_episode_
     train(config(tmp_path / "wm", tiny_dataset, "target.steps=5"), tmp_path / "wm_run")
     cfg = config(tmp_path / "long", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out",
                  "target.steps=60", "target.lr=3e-3", "target.horizon=12", "target.eval_every=60", "target.eval_windows=64",
-                 tiny=COMMON)
+                 "target.start_share=0.5", "target.done=null", "target.done_weight=0", tiny=COMMON)
     first = make_target(cfg)
     b = first.batch(np.random.default_rng(0), 64)
-    assert b["z"].shape == (64, 2 + 12, 16) and b["actions"].shape == (64, 12, 8, 2)
+    assert b["z"].shape == (64, 2 + 12, 16) and b["actions"].shape == (64, 12, 8, 2) and "clauses" not in b
     # 12 chunks run past every tiny episode's end (80 steps at most): the pusher rests there, the scene holds
     assert (b["actions"][:, -1] == 0).all() and torch.equal(b["z"][:, -1], b["z"][:, -2])
+    # about half the windows start at their episode's first frame: their history is that frame twice
+    starts = [int((first.train_data[0][first.train_ds.starts] == z0).all(1).any()) for z0 in b["z"][:, 0]]
+    assert 16 < sum(starts) < 48
     final = train(cfg, tmp_path / "long_run")
     logged = [m["loss"] for m in metrics(tmp_path / "long_run/metrics.jsonl") if "loss" in m]
     assert np.mean(logged[-10:]) < np.mean(logged[:10]) and final["ratio_h12"] > 0
@@ -121,6 +124,32 @@ def test_the_predictor_fine_tunes_for_long_rollouts_that_rest_after_the_episode_
     assert all(torch.equal(p, q) for p, q in zip(before.encoder.parameters(), after.encoder.parameters()))
     assert not torch.equal(before.predictor.out.weight, after.predictor.out.weight)
     assert load_checkpoint(tmp_path / "long/out")[1]["predictor"]["train"]["horizon"] == 12
+
+
+def test_the_done_term_brings_the_done_models_reading_of_imagined_latents_to_that_of_real_ones(tmp_path, tiny_dataset):
+    """With a done model (frozen), the predictor's windows carry their instruction's clauses, and a
+    heavily weighted done term narrows the gap between its readings of the imagined and the real end
+    latent on held-out windows."""
+    train(config(tmp_path / "wm", tiny_dataset, "target.steps=5"), tmp_path / "wm_run")
+    train(config(tmp_path / "done", tiny_dataset, "target=done", f"world_model={tmp_path}/wm/out", "target.steps=40",
+                 "target.model.width=32", "target.examples=600", "target.eval_examples=300", "target.eval_every=40",
+                 tiny=COMMON), tmp_path / "done_run")
+    def run(weight):
+        cfg = config(tmp_path / f"long{weight}", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out",
+                     f"target.done={tmp_path}/done/out", f"target.done_weight={weight}", "target.steps=60",
+                     "target.lr=3e-3", "target.horizon=6", "target.eval_every=60", "target.eval_windows=64", tiny=COMMON)
+        return cfg, train(cfg, tmp_path / f"long{weight}_run")["done_gap_h6"]
+
+    cfg, gap = run(100)
+    target = make_target(cfg)
+    b = target.batch(np.random.default_rng(0), 8)
+    assert b["clauses"].shape == (8, 1, 384) and b["clause_mask"].shape == (8, 1)  # one-step families: one clause
+    assert not any(p.requires_grad for p in target.objective.done_model.parameters())
+    # the same held-out windows, before training and after training without the term
+    assert gap < target.evaluate()["done_gap_h6"] and gap < run(0)[1]
+    with pytest.raises(ValueError, match="needs a done model"):
+        make_target(config(tmp_path / "x", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out",
+                           "target.done=null", tiny=COMMON))
 
 
 def test_relabelled_subgoals_hold_where_the_episodes_succeeded_and_not_at_their_start(tiny_dataset):
