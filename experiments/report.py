@@ -5,6 +5,7 @@
     foresight-report save main_job outputs/main_job2   # keep a run's numbers: experiments/results/main_job.json
     foresight-report save robustness outputs/robustness/<date>   # ... or a whole sweep's
     foresight-report save horizon outputs/horizon/<date>         # ... or foresight-horizon's horizon.json
+    foresight-report save score outputs/score/<date>             # ... or foresight-score's results.json
 
 The robustness sweep is a hydra multirun of foresight-control (configs/sweep/robustness.yaml, which
 also says how to run it on a Ray cluster): `foresight-control -m +sweep=robustness`. Each job's
@@ -187,7 +188,14 @@ def render_horizon(data: dict) -> str:
     return text
 
 
-RENDERERS = {"control": render_control, "robustness": render_robustness, "horizon": render_horizon}
+def render_score(data: dict) -> str:
+    """foresight-score's results.json: what was scored, then AUROC, its 95% interval and Spearman per scorer."""
+    from experiments.score import report  # the command's own table (it imports torch: only when asked)
+    return report(data)
+
+
+RENDERERS = {"control": render_control, "robustness": render_robustness, "horizon": render_horizon,
+             "score": render_score}
 
 
 def render(data: dict, name: str) -> str:
@@ -223,15 +231,14 @@ def rewrite_readme(readme: Path, results: Path) -> list[str]:
 
 
 def save(name: str, path: Path, results: Path) -> Path:
-    """A control run's results.json (with the command that made it), a horizon run's horizon.json, or a
-    whole sweep, as results/NAME.json."""
+    """A control or score run's results.json (with the command that made it), a horizon run's horizon.json,
+    or a whole sweep, as results/NAME.json."""
     run = path.parent if path.is_file() else path
-    for kind, file, program in (("control", "results.json", "foresight-control"),
-                                ("horizon", "horizon.json", "foresight-horizon")):
-        if (run / file).is_file():
-            data = {"kind": kind, "command": command(run, program=program), "source": str(run),
-                    **json.loads((run / file).read_text())}
-            break
+    file = run / ("horizon.json" if (run / "horizon.json").is_file() else "results.json")
+    if file.is_file():  # one run: foresight-horizon's, foresight-score's (it lists its scores) or foresight-control's
+        raw = json.loads(file.read_text())
+        kind = "horizon" if file.name == "horizon.json" else "score" if "scores" in raw else "control"
+        data = {"kind": kind, "command": command(run, program=f"foresight-{kind}"), "source": str(run), **raw}
     else:
         data = collect(path)
     render(data, name)  # fails now, not at the next README rebuild

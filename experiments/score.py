@@ -122,9 +122,17 @@ def dataset_inputs(cfg: DictConfig, wm, out_dir: Path):
                          f"it holds policies {sorted(set(policies))} and families {sorted(set(families))}")
     if cfg.pad not in ("repeat", "zero", "skip"):
         raise ValueError(f"pad must be repeat, zero or skip, got {cfg.pad!r}")
+    if cfg.lengths not in ("recorded", "matched"):
+        raise ValueError(f"lengths must be recorded or matched, got {cfg.lengths!r}")
+    # lengths=matched: each failure is cut at the length of a random success of its family, so that
+    # how long the actions run (successes end early, then rest) says nothing about the outcome.
+    rng = np.random.default_rng(cfg.seed)
+    success_lengths = {f: ds.lengths[[j for j in keep if families[j] == f and ds.success[j]]] for f in set(families)}
     rows, pixels, state, chunks, ends, skipped = [], [], [], [], ([], []), 0
     for i in keep:
         lo, n = int(ds.starts[i]), int(ds.lengths[i])
+        if cfg.lengths == "matched" and not ds.success[i] and len(success_lengths[families[i]]):
+            n = min(n, int(rng.choice(success_lengths[families[i]])))
         steps = int(cfg.horizon) * c.chunk if cfg.horizon else int(ds.task(i).get("budget") or ds.lengths.max())
         h = -(-steps // c.chunk)  # whole chunks covering the budget
         actions = np.asarray(ds.frames["action"][lo:lo + min(n, h * c.chunk)], np.float32)
@@ -140,7 +148,8 @@ def dataset_inputs(cfg: DictConfig, wm, out_dir: Path):
         ends[0].append(np.asarray(ds.frames["pixels"][end:end + 1]))
         ends[1].append(np.asarray(ds.frames["state"][end:end + 1]))
         rows.append({"episode": i, "policy": ds.policies[i], "family": families[i], "instruction": ds.instructions[i],
-                     "success": bool(ds.success[i]), "length": n, "horizon": h, "padded": short})
+                     "success": bool(ds.success[i]), "length": n, "recorded_length": int(ds.lengths[i]), "horizon": h,
+                     "padded": short})
     ds.close()
     if not rows:
         raise ValueError(f"every selected episode is shorter than horizon={cfg.horizon} chunks of {c.chunk}; "
@@ -193,10 +202,11 @@ def run(cfg: DictConfig) -> tuple[dict, Path]:
     if cfg.goal not in GOAL_NAMES:
         raise ValueError(f"unknown goal {cfg.goal!r}; choose one of {', '.join(GOAL_NAMES)}")
     goal_dir = "done" if cfg.goal == "done" else "goal"
-    for name in ("world_model", goal_dir):
+    for name in (cfg.world_model, goal_dir):
         if not (root / name).is_dir():
-            raise FileNotFoundError(f"no {name} checkpoint in {root}; run `make train` or set checkpoints=")
-    wm = WorldModel.load(root / "world_model")
+            raise FileNotFoundError(f"no {name} checkpoint in {root}; run `make train` (scoring_world_model: "
+                                    f"foresight-train target=predictor) or set checkpoints= / world_model=")
+    wm = WorldModel.load(root / cfg.world_model)
     gm = (DoneModel if cfg.goal == "done" else GoalModel).load(root / goal_dir)
     cost_cfg = CostConfig(**cfg.cost)
     results: dict = {"config": OmegaConf.to_container(cfg, resolve=True)}

@@ -133,8 +133,10 @@ class PredictorTarget:
     (the outcome frame's latent), which is what foresight-score asks of a rollout over a task's whole
     step budget; a share `start_share` of the windows start at the episode's first frame, where
     foresight-score starts. With `done` (a done model's checkpoint), the objective also asks that the
-    done model read each imagined latent as it reads the real one (models/objectives.py). The encoder
-    is copied unchanged, so goal and done models trained on it still fit."""
+    done model's reading of each imagined latent match, for each clause of the window's instruction,
+    its reading of the real one (done_target=reading) or whether the clause holds in the real frame,
+    from the privileged state (done_target=truth: the done model's own kind of label); see
+    models/objectives.py. The encoder is copied unchanged, so goal and done models trained on it still fit."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg, t = cfg, cfg.target
@@ -142,22 +144,29 @@ class PredictorTarget:
         # What config.json records: the starting model's own record (read once, not at every checkpoint).
         saved = load_checkpoint(cfg.world_model)[1]
         self.saved = {k: v for k, v in saved.items() if k not in ("format", "format_version", "extra")}
+        if t.done_target not in ("reading", "truth"):
+            raise ValueError(f"target.done_target must be reading or truth, got {t.done_target!r}")
         done = DoneModel.load(t.done) if t.done else None
         self.objective = PredictorObjective(self.model, done, t.done_weight)
         self.modules = {"world_model": self.model}
         self.train_ds, self.eval_ds = open_dataset(cfg.data), open_dataset(cfg.eval_data)
         self.train_data, eval_data = self._encoded(self.train_ds), self._encoded(self.eval_ds)
         self.eval_batch = resting_windows(self.eval_ds, *eval_data, np.random.default_rng(0), t.eval_windows,
-                                          self.model.cfg, t.horizon, t.start_share)
+                                          self.model.cfg, t.horizon, t.start_share, t.cut_share)
 
     def _encoded(self, ds: EpisodeDataset) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
-        """Every frame's latent [N, D], each episode's instruction [E, L] and, for the done term, clauses."""
+        """Every frame's latent [N, D], each episode's instruction [E, L] and, for the done term, the
+        clauses (and, with done_target=truth, whether each holds in each frame)."""
         z = encode_frames(self.model, ds, np.arange(len(ds.frames["state"])))
-        return z, instruction_table(ds)[0], clause_table(ds) if self.objective.done_model is not None else None
+        if self.objective.done_model is None:
+            return z, instruction_table(ds)[0], None
+        truth = clause_truth(ds) if self.cfg.target.done_target == "truth" else None
+        return z, instruction_table(ds)[0], (*clause_table(ds), truth)
 
     def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
         t = self.cfg.target
-        return resting_windows(self.train_ds, *self.train_data, rng, size, self.model.cfg, t.horizon, t.start_share)
+        return resting_windows(self.train_ds, *self.train_data, rng, size, self.model.cfg, t.horizon, t.start_share,
+                               t.cut_share)
 
     def after_step(self) -> None:
         pass
@@ -165,7 +174,8 @@ class PredictorTarget:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Open-loop latent error on held-out windows at 1, 4 and `horizon` chunks, beside copy-last;
-        with a done model, how far its reading of the last imagined latent is from that of the real one."""
+        with a done model, how far its reading of the last imagined latent is from its reading of the
+        real one (and, with done_target=truth, from the truth)."""
         b, h = self.eval_batch, self.model.cfg.history
         pred = self.model.rollout(b["z"][:, :h], b["actions"], b["lang"])
         out = {}
@@ -173,10 +183,12 @@ class PredictorTarget:
             target = b["z"][:, h + k - 1]
             out[f"rollout_h{k}"] = float(((pred[:, k - 1] - target) ** 2).mean())
             out[f"ratio_h{k}"] = out[f"rollout_h{k}"] / float(((b["z"][:, h - 1] - target) ** 2).mean())
-        if self.objective.done_model is not None:
+        if self.objective.done_model is not None:  # the done model's reading of the last imagined latent, off
             p = torch.sigmoid(self.objective.clause_logits(torch.stack([pred[:, -1], b["z"][:, -1]], 1), b["clauses"]))
-            gap = (p[:, 0] - p[:, 1]).abs()
-            out[f"done_gap_h{len(pred[0])}"] = float((gap * b["clause_mask"]).sum() / b["clause_mask"].sum())
+            mask, n = b["clause_mask"], len(pred[0])
+            out[f"done_gap_h{n}"] = float(((p[:, 0] - p[:, 1]).abs() * mask).sum() / mask.sum())  # its real reading
+            if "clause_truth" in b:  # and the truth
+                out[f"done_truth_gap_h{n}"] = float(((p[:, 0] - b["clause_truth"][:, -1]).abs() * mask).sum() / mask.sum())
         return out
 
     def config(self) -> dict:
@@ -197,23 +209,51 @@ def clause_table(ds: EpisodeDataset) -> tuple[torch.Tensor, torch.Tensor]:
     return table, mask
 
 
+def clause_truth(ds: EpisodeDataset) -> torch.Tensor:
+    """Per frame of a loaded dataset, whether each clause of its episode's instruction holds there,
+    from the privileged state [N, C] (clause_table's order: the task's subgoals, in order)."""
+    objects, pads, pusher = (ds.frames[f"privileged/{k}"] for k in ("object_pos", "pad_pos", "pusher_pos"))
+    truth = torch.zeros(len(objects), max(len(ds.task(e)["subgoals"]) for e in range(len(ds))))
+    for e, text in enumerate(ds.instructions):
+        task, lo = ds.task(e), int(ds.starts[e])
+        if len(split_instruction(text)) != len(task["subgoals"]):
+            raise ValueError(f"episode {e}'s instruction {text!r} splits into {len(split_instruction(text))} clauses "
+                             f"but its task has {len(task['subgoals'])} subgoals; planner/subgoals.py must learn its form")
+        names, pad_xy = task["objects"], {colour: pads[lo, j] for j, colour in enumerate(task["pads"])}  # pads stay
+        for c, sub in enumerate(task["subgoals"]):
+            goal = Subgoal(names.index(sub["object"]), sub["kind"], sub["target"])
+            truth[lo:lo + int(ds.lengths[e]) + 1, c] = torch.tensor(
+                [subgoal_met(goal, objects[f, :len(names), :2], pusher[f], pad_xy)
+                 for f in range(lo, lo + int(ds.lengths[e]) + 1)], dtype=torch.float32)
+    return truth
+
+
 def resting_windows(ds: EpisodeDataset, z: torch.Tensor, lang: torch.Tensor, clauses: tuple | None,
                     rng: np.random.Generator, size: int, c: WorldModelConfig, horizon: int,
-                    start_share: float = 0.0) -> dict[str, torch.Tensor]:
+                    start_share: float = 0.0, cut_share: float = 0.0) -> dict[str, torch.Tensor]:
     """PredictorObjective's batch: windows from a random frame (with an action ahead; the episode's
     first with probability start_share) of random episodes, z [B, h + H, D] from the frames' latents
     z [N, D] and actions [B, H, K, A]; where a window runs past its episode's outcome, the actions are
-    zero and the outcome's latent holds. With clauses (clause_table's), each window's too."""
+    zero and the outcome's latent holds. With probability cut_share the pusher stops at a random frame
+    before the outcome instead (the scene then holds there too): in recorded data only a success
+    stops early, so without cuts a rest after few actions would say "success" by itself. With clauses
+    (clause_table's, and clause_truth's or None), each window's clauses and, with truth, whether each
+    holds after each chunk [B, H, C]."""
     e = rng.integers(len(ds), size=size)
     start, outcome = ds.starts[e][:, None], (ds.starts[e] + ds.lengths[e])[:, None]
     t = start + (rng.random((size, 1)) * ds.lengths[e][:, None]).astype(np.int64)
     t = np.where(rng.random((size, 1)) < start_share, start, t)
-    frames = np.clip(t + np.arange(1 - c.history, horizon + 1) * c.chunk, start, outcome)
-    steps = np.minimum(t + np.arange(horizon * c.chunk), outcome)  # the outcome frame's action is zero
-    actions = torch.from_numpy(ds.frames["action"][steps]).view(size, horizon, c.chunk, -1)
+    cut = t + 1 + (rng.random((size, 1)) * (outcome - t)).astype(np.int64)  # 1 .. outcome - t actions
+    end = np.where(rng.random((size, 1)) < cut_share, cut, outcome)
+    frames = np.clip(t + np.arange(1 - c.history, horizon + 1) * c.chunk, start, end)
+    steps = t + np.arange(horizon * c.chunk)
+    acting = torch.from_numpy(steps < end)[..., None]  # the pusher rests from the end frame on
+    actions = (torch.from_numpy(ds.frames["action"][np.minimum(steps, outcome)]) * acting).view(size, horizon, c.chunk, -1)
     out = {"z": z[frames], "actions": actions, "lang": lang[e]}
     if clauses is not None:
         out["clauses"], out["clause_mask"] = clauses[0][e], clauses[1][e]
+        if clauses[2] is not None:
+            out["clause_truth"] = clauses[2][frames[:, c.history:]]
     return out
 
 

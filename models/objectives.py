@@ -97,13 +97,14 @@ class PredictorObjective(nn.Module):
     With a done model (frozen, models/done.py), a third term asks that it read each imagined latent
     as it reads the real one, for each clause of the window's instruction:
 
-        done · mean_{k,c} BCE(logit(ẑ_k, c), σ(logit(z_k, c)))
+        done · mean_{k,c} BCE(logit(ẑ_k, c), y_k,c),   y = σ(logit(z_k, c)) or the clause's truth
 
     The latent error weighs all D entries alike, and most of them (the scene, the pusher) say little
     about whether an instruction holds; this term weighs what decides it, which is what offline
     scoring reads off an end state imagined 10 to 20 chunks ahead. It is value equivalence, as
-    MuZero and TD-MPC train their latent dynamics through reward and value heads; the labels are the
-    done model's own readings of real frames, not outcomes.
+    MuZero and TD-MPC train their latent dynamics through reward and value heads. The labels are the
+    done model's own readings of real frames, or (as TD-MPC's rewards) the truth of each frame, which
+    the done model itself was trained on; never an episode's outcome.
     """
 
     def __init__(self, model: WorldModel, done_model: nn.Module | None = None, done_weight: float = 0.0):
@@ -121,9 +122,12 @@ class PredictorObjective(nn.Module):
         return self
 
     def forward(self, z: torch.Tensor, actions: torch.Tensor, lang: torch.Tensor, clauses: torch.Tensor | None = None,
-                clause_mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                clause_mask: torch.Tensor | None = None, clause_truth: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """z [B, h + H, D] (history, then the latent after each chunk), actions [B, H, K, A], lang [B, L];
-        for the done term, the instruction's clauses [B, C, L] and which of them exist [B, C]."""
+        for the done term, the instruction's clauses [B, C, L], which of them exist [B, C] and, to
+        learn from the truth instead of the done model's reading of real latents, whether each holds
+        after each chunk [B, H, C]."""
         h = z.shape[1] - actions.shape[1]
         pred, multistep, onestep = prediction_losses(self.model, z, z[:, h:], actions, lang)
         out = {"multistep": multistep.detach(), "onestep": onestep.detach()}
@@ -131,8 +135,11 @@ class PredictorObjective(nn.Module):
         if self.done_weight > 0:
             if clauses is None or clause_mask is None:
                 raise ValueError("the done term needs each window's clauses [B, C, L] and clause_mask [B, C]")
-            with torch.no_grad():
-                real = torch.sigmoid(self.clause_logits(z[:, h:], clauses))
+            if clause_truth is None:
+                with torch.no_grad():
+                    real = torch.sigmoid(self.clause_logits(z[:, h:], clauses))
+            else:
+                real = clause_truth
             bce = F.binary_cross_entropy_with_logits(self.clause_logits(pred, clauses), real, reduction="none")
             done = (bce * clause_mask[:, None]).sum() / (clause_mask.sum() * pred.shape[1]).clamp(min=1)
             loss, out["done"] = loss + self.done_weight * done, done.detach()

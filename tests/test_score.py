@@ -18,7 +18,9 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "score.yaml"
 def config(tmp_path, checkpoints, **overrides):
     cfg = OmegaConf.load(CONFIG)
     cfg.pop("hydra")
-    return OmegaConf.merge(cfg, {"checkpoints": str(checkpoints), "threads": 1, "bootstrap": 50,
+    # the tiny set has the planner's world model and a goal model, no scoring world model or done model
+    return OmegaConf.merge(cfg, {"checkpoints": str(checkpoints), "world_model": "world_model", "goal": "model",
+                                 "threads": 1, "bootstrap": 50,
                                  "out": str(tmp_path / "scores.csv"), **overrides})
 
 
@@ -142,3 +144,38 @@ def test_the_done_goal_costs_minus_the_log_probability_that_every_clause_holds()
     holds = torch.nn.functional.logsigmoid
     assert torch.allclose(goal.cost(z, "l2"), -(holds(z[:, 0]) + holds(z[:, 0] - 2)))
     assert goal.cost(z, "l2")[1] < goal.cost(z, "l2")[0]  # further past both clauses' bars: cheaper
+
+
+def test_matched_lengths_cut_each_failure_at_a_success_length_of_its_family_and_the_run_renders_for_the_readme(
+        tmp_path, tiny_dataset, tiny_checkpoints):
+    """lengths=matched takes the length tell away: a failure's actions stop (and it rests, and its real
+    end frame is taken) where a success of its family stopped. foresight-report saves and renders the run."""
+    import json
+
+    from experiments.report import main as report, render
+
+    results, _ = run(config(tmp_path, tiny_checkpoints, data=str(tiny_dataset), lengths="matched"))
+    rows = pd.read_csv(tmp_path / "scores.csv")
+    wins, losses = rows[rows.success], rows[~rows.success]
+    assert len(wins) and len(losses) and (wins.length == wins.recorded_length).all()
+    for _, r in losses.iterrows():
+        assert r.length in set(wins[wins.family == r.family].recorded_length) and r.length <= r.recorded_length
+    assert (rows.padded == 80 - rows.length).all()
+    report(["--results", str(tmp_path / "results"), "save", "score", str(tmp_path)])
+    saved = json.loads((tmp_path / "results" / "score.json").read_text())
+    assert saved["kind"] == "score" and saved["metrics"] == results["metrics"]
+    assert f"{len(rows)} scored ({len(wins)} successes" in render(saved, "score")
+    with pytest.raises(ValueError, match="lengths must be recorded or matched"):
+        run(config(tmp_path, tiny_checkpoints, data=str(tiny_dataset), lengths="same"))
+
+
+def test_the_shipped_scoring_world_model_keeps_the_planners_encoder_so_the_shipped_done_model_reads_it():
+    """foresight-score's default world model is the planner's with another predictor: the same encoder
+    (the done model was trained on its latents), a predictor that differs."""
+    from models import WorldModel
+
+    shipped = Path(__file__).resolve().parent.parent / "checkpoints" / "tabletop"
+    planner, scoring = WorldModel.load(shipped / "world_model"), WorldModel.load(shipped / "scoring_world_model")
+    assert all(torch.equal(p, q) for p, q in zip(planner.encoder.parameters(), scoring.encoder.parameters()))
+    assert not torch.equal(planner.predictor.out.weight, scoring.predictor.out.weight)
+    assert OmegaConf.load(CONFIG).world_model == "scoring_world_model"

@@ -19,10 +19,10 @@ from envs.experts import PUSHER_TOP
 from envs.scene import TABLE_RGB, image_coords
 from experiments.common import CONFIG_DIR
 from experiments.evaluate import evaluate, report
-from experiments.targets import (first_of_each_family, make_target, named_point_targets, random_shift,
-                                 relabel_subgoals, table_symmetry)
+from experiments.targets import (clause_truth, first_of_each_family, make_target, named_point_targets, random_shift,
+                                 relabel_subgoals, resting_windows, table_symmetry)
 from experiments.train import train
-from models import WorldModel
+from models import WorldModel, WorldModelConfig
 from models.checkpoint import load_checkpoint
 from models.done import DoneModel
 from models.goal import GoalModel
@@ -126,27 +126,37 @@ def test_the_predictor_fine_tunes_for_long_rollouts_that_rest_after_the_episode_
     assert load_checkpoint(tmp_path / "long/out")[1]["predictor"]["train"]["horizon"] == 12
 
 
-def test_the_done_term_brings_the_done_models_reading_of_imagined_latents_to_that_of_real_ones(tmp_path, tiny_dataset):
-    """With a done model (frozen), the predictor's windows carry their instruction's clauses, and a
-    heavily weighted done term narrows the gap between its readings of the imagined and the real end
-    latent on held-out windows."""
+@pytest.mark.parametrize("done_target", ["reading", "truth"])
+def test_the_done_term_brings_the_done_models_reading_of_imagined_latents_to_that_of_real_ones(
+        tmp_path, tiny_dataset, done_target):
+    """With a done model (frozen), the predictor's windows carry their instruction's clauses (and,
+    for done_target=truth, whether each holds after each chunk), and a heavily weighted done term
+    narrows the gap between its reading of the imagined end latent and what it is trained to match (its
+    reading of the real one, or the truth) on held-out windows."""
     train(config(tmp_path / "wm", tiny_dataset, "target.steps=5"), tmp_path / "wm_run")
     train(config(tmp_path / "done", tiny_dataset, "target=done", f"world_model={tmp_path}/wm/out", "target.steps=40",
                  "target.model.width=32", "target.examples=600", "target.eval_examples=300", "target.eval_every=40",
                  tiny=COMMON), tmp_path / "done_run")
+
     def run(weight):
         cfg = config(tmp_path / f"long{weight}", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out",
-                     f"target.done={tmp_path}/done/out", f"target.done_weight={weight}", "target.steps=60",
-                     "target.lr=3e-3", "target.horizon=6", "target.eval_every=60", "target.eval_windows=64", tiny=COMMON)
-        return cfg, train(cfg, tmp_path / f"long{weight}_run")["done_gap_h6"]
+                     f"target.done={tmp_path}/done/out", f"target.done_weight={weight}", f"target.done_target={done_target}",
+                     "target.steps=60", "target.lr=3e-3", "target.horizon=6", "target.eval_every=60",
+                     "target.eval_windows=64", tiny=COMMON)
+        return cfg, train(cfg, tmp_path / f"long{weight}_run")[metric]
+
+    metric = "done_truth_gap_h6" if done_target == "truth" else "done_gap_h6"
 
     cfg, gap = run(100)
     target = make_target(cfg)
     b = target.batch(np.random.default_rng(0), 8)
     assert b["clauses"].shape == (8, 1, 384) and b["clause_mask"].shape == (8, 1)  # one-step families: one clause
+    assert ("clause_truth" in b) == (done_target == "truth")
+    if done_target == "truth":
+        assert b["clause_truth"].shape == (8, 6, 1) and set(b["clause_truth"].unique().tolist()) <= {0.0, 1.0}
     assert not any(p.requires_grad for p in target.objective.done_model.parameters())
     # the same held-out windows, before training and after training without the term
-    assert gap < target.evaluate()["done_gap_h6"] and gap < run(0)[1]
+    assert gap < target.evaluate()[metric] and gap < run(0)[1]
     with pytest.raises(ValueError, match="needs a done model"):
         make_target(config(tmp_path / "x", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out",
                            "target.done=null", tiny=COMMON))
@@ -166,6 +176,40 @@ def test_relabelled_subgoals_hold_where_the_episodes_succeeded_and_not_at_their_
     assert all(ds.task(int(e))["subgoals"][0]["object"] in t for e, t in zip(episode[:50], texts[:50]))
     _, _, kinds, labels = relabel_subgoals(ds, np.random.default_rng(1), 3000, own_share=0.0)
     assert set(kinds) == {"touch", "pad", "region"} and 0.02 < labels[kinds == "region"].mean() < 0.9
+
+
+def test_cut_windows_stop_the_pusher_before_the_outcome_and_hold_the_scene_where_it_stopped(tiny_dataset):
+    """resting_windows with cut_share=1: each window's actions stop at some step (never to restart), and
+    from there its latents are those of the frame where the pusher stopped, often before the outcome."""
+    ds = EpisodeDataset(tiny_dataset, load=True)
+    frame_of = torch.arange(len(ds.frames["state"]), dtype=torch.float32)[:, None]  # a latent that names its frame
+    cfg = WorldModelConfig(chunk=8, history=2)
+    b = resting_windows(ds, frame_of, torch.zeros(len(ds), 384), None, np.random.default_rng(0), 64, cfg, 12,
+                        start_share=1.0, cut_share=1.0)
+    moving = b["actions"].flatten(1, 2).abs().sum(-1) > 0  # [B, steps]
+    early = 0
+    for w in range(64):
+        stop = int(moving[w].nonzero().max()) + 1  # the first step of the rest
+        first = int(b["z"][w, 0, 0])  # the episode's first frame (start_share=1)
+        e = int(np.searchsorted(ds.starts, first, side="right") - 1)
+        stopped_at = first + stop
+        assert stopped_at <= ds.starts[e] + ds.lengths[e]
+        held = b["z"][w, 2 + stop // 8 + (stop % 8 > 0):, 0]  # latents after the chunk the pusher stopped in
+        assert (held == stopped_at).all()
+        early += stopped_at < ds.starts[e] + ds.lengths[e]
+    assert early > 32
+
+
+def test_clause_truth_holds_at_successful_outcomes_and_never_at_episode_starts(tiny_dataset):
+    """What the predictor's done term learns from with done_target=truth: per frame, whether each
+    clause of the episode's instruction holds; at a successful episode's outcome it does, at a first
+    frame it never does (tasks are laid out so), and in between it sometimes does."""
+    ds = EpisodeDataset(tiny_dataset, load=True)
+    truth = clause_truth(ds)
+    assert truth.shape == (len(ds.frames["state"]), 1)  # one-step families: one clause
+    outcomes = ds.starts + ds.lengths
+    assert (truth[outcomes[ds.success], 0] == 1).all() and (truth[ds.starts, 0] == 0).all()
+    assert 0 < truth.mean() < 0.5
 
 
 def test_random_shift_reports_how_far_the_content_moved():
