@@ -261,7 +261,7 @@ def report(results: dict) -> str:
     if "by_family" in results:
         lines.append("world model within each family: " + ", ".join(
             f"{f} {r['auroc']:.3f} ({r['successes']}/{r['n']} successes)" for f, r in results["by_family"].items()))
-    return "\n".join(lines)
+    return "\n\n".join(lines)  # blank lines between: a markdown table ends at one
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="score", version_base="1.3")
