@@ -1,19 +1,24 @@
 """`foresight-score`: score candidate trajectories offline by their imagined end state.
 
-    foresight-score policies=[noisy_expert]              # data/tabletop_eval.h5, the shipped checkpoints
+    foresight-score data=data/tabletop_noisy.h5          # the shipped scoring world model and done model
+    foresight-score data=data/tabletop_noisy.h5 lengths=matched   # the actions' length takes no part
     foresight-score data=exports/so101 horizon=4         # a LeRobot v3.0 directory (imported first)
     foresight-score candidates=chunks.npz out=scores.parquet
 
+The world model (`world_model`, under `checkpoints`: by default the scoring world model, the
+planner's encoder with a predictor trained for long rollouts, foresight-train target=predictor)
+imagines the chunks, and the planner's own objective (planner/objective.py) gives the cost of the
+imagined end state: by default (goal=done) the done model's -log P(every clause of the instruction
+holds); goal=model, the distance to G(ℓ, z_0).
 Dataset mode: per episode, the first observation, the recorded actions cut into H chunks of K and
-the instruction; the world model imagines the chunks and the planner's own objective
-(planner/objective.py) gives the cost of the imagined end state against G(ℓ, z_0). H is the same for
-every episode of a task family (its step budget in whole chunks, else the longest episode's; or
-`horizon`), so a rollout's length says nothing about the episode's. Episodes with fewer actions
-(successes end early) are padded with zeros (pad=zero: the pusher rests once the episode is over,
-so the imagined end state is where the recorded actions led), their last action (pad=repeat: the
-imagined pusher keeps moving), or skipped and counted (pad=skip). The length itself tells success
-apart: watch the Σ‖a‖ baseline (with pad=zero it alone reaches AUROC 0.93 on noisy-expert
-tabletop episodes).
+the instruction. H is the same for every episode of a task family (its step budget in whole chunks,
+else the longest episode's; or `horizon`), so a rollout's length says nothing about the episode's.
+Episodes with fewer actions (successes end early) are padded with zeros (pad=zero: the pusher rests
+once the episode is over, so the imagined end state is where the recorded actions led), their last
+action (pad=repeat: the imagined pusher keeps moving), or skipped and counted (pad=skip). The length
+itself tells success apart: the Σ‖a‖ baseline alone reaches AUROC 0.87 on noisy-expert tabletop
+episodes with pad=zero. lengths=matched takes that away: each failure is cut at the length of a
+random success of its family (and rests from there; its real end frame is the one at the cut).
 Candidates mode: an .npz with pixels [N, (h,) V, H, W, 3] uint8, state [N, (h,) P], instructions [N],
 candidates [N, M, H, K, A] and optional labels [N, M]; a cost and a rank (1 = best) per candidate.
 Where labels exist: AUROC and Spearman of -cost against success, beside two baselines (the goal
