@@ -257,6 +257,7 @@ def _ddp_worker(rank: int, store_path: str, out_dir: str) -> None:
         except ValueError:
             res["no_generator_raised"] = np.array(True)
         np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **res)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it (a SIGABRT under load)
     finally:
         dist.destroy_process_group()
 
