@@ -138,15 +138,22 @@ def replay_infos(task: dict, object_pos: np.ndarray, pad_pos: np.ndarray, pusher
     stores (object_pos [T, n, 3], pad_pos [T, p, 2], pusher_pos [T, 2], NaN-padded; the task spec),
     with the subgoal stage recomputed as the env tracks it."""
     n_obj, n_pad = len(task["objects"]), len(task["pads"])
-    subgoals = _subgoals({"task": task, "object_names": task["objects"]})
-    stage = 0
+    met, stage = subgoals_met(task, object_pos, pad_pos, pusher_pos), 0
     for t in range(len(pusher_pos)):
         info = {"task": task, "object_names": task["objects"], "object_pos": object_pos[t, :n_obj],
                 "pad_pos": pad_pos[t, :n_pad], "pusher_pos": pusher_pos[t]}
-        pads = dict(zip(task["pads"], info["pad_pos"]))
-        met = [subgoal_met(s, info["object_pos"][:, :2], pusher_pos[t], pads) for s in subgoals]
-        stage, _ = advance(stage, met)
+        stage, _ = advance(stage, list(met[t]))
         yield {**info, "stage": stage}
+
+
+def subgoals_met(task: dict, object_pos: np.ndarray, pad_pos: np.ndarray, pusher_pos: np.ndarray) -> np.ndarray:
+    """Whether each of the task's subgoals holds at every recorded frame of an episode, bool [T, S]
+    (`replay_infos`' arguments)."""
+    n_obj, n_pad = len(task["objects"]), len(task["pads"])
+    subgoals = _subgoals({"task": task, "object_names": task["objects"]})
+    met = [[subgoal_met(s, object_pos[t, :n_obj, :2], pusher_pos[t], dict(zip(task["pads"], pad_pos[t, :n_pad])))
+            for s in subgoals] for t in range(len(pusher_pos))]
+    return np.array(met, dtype=bool).reshape(len(pusher_pos), len(subgoals))
 
 
 def expert_labels(task: dict, object_pos: np.ndarray, pad_pos: np.ndarray, pusher_pos: np.ndarray) -> np.ndarray:

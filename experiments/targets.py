@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from envs import TABLETOP_ID
 from envs.dataset import EpisodeDataset, WindowSampler
-from envs.experts import N_NAMED_POINTS, expert_labels, named_points, replay_infos
+from envs.experts import N_NAMED_POINTS, expert_labels, named_points, replay_infos, subgoals_met
 from envs.scene import COLOURS, SHAPES, image_coords
 from envs.tasks import REGIONS, TEMPLATES, Subgoal, subgoal_met
 from experiments.evaluate import colour_positions
@@ -215,16 +215,12 @@ def clause_truth(ds: EpisodeDataset) -> torch.Tensor:
     objects, pads, pusher = (ds.frames[f"privileged/{k}"] for k in ("object_pos", "pad_pos", "pusher_pos"))
     truth = torch.zeros(len(objects), max(len(ds.task(e)["subgoals"]) for e in range(len(ds))))
     for e, text in enumerate(ds.instructions):
-        task, lo = ds.task(e), int(ds.starts[e])
-        if len(split_instruction(text)) != len(task["subgoals"]):
-            raise ValueError(f"episode {e}'s instruction {text!r} splits into {len(split_instruction(text))} clauses "
-                             f"but its task has {len(task['subgoals'])} subgoals; planner/subgoals.py must learn its form")
-        names, pad_xy = task["objects"], {colour: pads[lo, j] for j, colour in enumerate(task["pads"])}  # pads stay
-        for c, sub in enumerate(task["subgoals"]):
-            goal = Subgoal(names.index(sub["object"]), sub["kind"], sub["target"])
-            truth[lo:lo + int(ds.lengths[e]) + 1, c] = torch.tensor(
-                [subgoal_met(goal, objects[f, :len(names), :2], pusher[f], pad_xy)
-                 for f in range(lo, lo + int(ds.lengths[e]) + 1)], dtype=torch.float32)
+        task, frames = ds.task(e), slice(int(ds.starts[e]), int(ds.starts[e] + ds.lengths[e]) + 1)
+        clauses = len(split_instruction(text))
+        if clauses != len(task["subgoals"]):
+            raise ValueError(f"episode {e}'s instruction {text!r} splits into {clauses} clauses but its task has "
+                             f"{len(task['subgoals'])} subgoals; planner/subgoals.py must learn its form")
+        truth[frames, :clauses] = torch.from_numpy(subgoals_met(task, objects[frames], pads[frames], pusher[frames])).float()
     return truth
 
 
