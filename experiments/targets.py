@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,9 @@ class PredictorTarget:
         # What config.json records: the starting model's own record (read once, not at every checkpoint).
         saved = load_checkpoint(cfg.world_model)[1]
         self.saved = {k: v for k, v in saved.items() if k not in ("format", "format_version", "extra")}
+        if t.get("predictor"):  # a predictor of another size, trained afresh on the same encoder
+            self.model = with_fresh_predictor(self.model, **t.predictor)
+            self.saved["model"] = self.model.cfg.to_dict()
         if t.done_target not in ("reading", "truth"):
             raise ValueError(f"target.done_target must be reading or truth, got {t.done_target!r}")
         done = DoneModel.load(t.done) if t.done else None
@@ -194,6 +198,18 @@ class PredictorTarget:
     def config(self) -> dict:
         return {**self.saved, "predictor": {"train": OmegaConf.to_container(self.cfg.target), "data": str(self.cfg.data),
                                              "world_model": str(self.cfg.world_model), "seed": self.cfg.seed}}
+
+
+def with_fresh_predictor(model: WorldModel, **size) -> WorldModel:
+    """`model`'s encoder with a new, untrained predictor of another size (width, blocks, mlp_ratio,
+    cond_dim): offline scoring has no planner budget to keep, so its predictor may be larger."""
+    unknown = set(size) - {"width", "blocks", "mlp_ratio", "cond_dim"}
+    if unknown:
+        raise ValueError(f"target.predictor sets the predictor's width, blocks, mlp_ratio or cond_dim, not {sorted(unknown)}")
+    fresh = WorldModel(dataclasses.replace(model.cfg, **size))
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith("predictor.")}
+    fresh.load_state_dict(kept, strict=False)  # the encoder (and any EMA target); the predictor stays new
+    return fresh
 
 
 def clause_table(ds: EpisodeDataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -126,6 +126,25 @@ def test_the_predictor_fine_tunes_for_long_rollouts_that_rest_after_the_episode_
     assert load_checkpoint(tmp_path / "long/out")[1]["predictor"]["train"]["horizon"] == 12
 
 
+def test_the_predictor_target_can_train_a_larger_predictor_afresh_on_the_same_encoder(tmp_path, tiny_dataset):
+    """target.predictor resizes the predictor: the encoder is copied, the predictor is new and trains,
+    and the saved config builds the new size."""
+    train(config(tmp_path / "wm", tiny_dataset, "target.steps=5"), tmp_path / "wm_run")
+    cfg = config(tmp_path / "wide", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out",
+                 "target.predictor={width: 48, blocks: 2, mlp_ratio: 2}", "target.steps=30", "target.lr=3e-3",
+                 "target.horizon=4", "target.eval_every=30", "target.eval_windows=32", "target.done=null",
+                 "target.done_weight=0", tiny=COMMON)
+    train(cfg, tmp_path / "wide_run")
+    logged = [m["loss"] for m in metrics(tmp_path / "wide_run/metrics.jsonl") if "loss" in m]
+    assert np.mean(logged[-5:]) < np.mean(logged[:5])
+    before, after = WorldModel.load(tmp_path / "wm/out"), WorldModel.load(tmp_path / "wide/out")
+    assert (after.cfg.width, after.cfg.blocks, after.cfg.mlp_ratio) == (48, 2, 2) and before.cfg.width == 32
+    assert all(torch.equal(p, q) for p, q in zip(before.encoder.parameters(), after.encoder.parameters()))
+    with pytest.raises(ValueError, match="not \\['latent_dim'\\]"):
+        make_target(config(tmp_path / "x", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out",
+                           "target.predictor={latent_dim: 8}", "target.done=null", "target.done_weight=0", tiny=COMMON))
+
+
 @pytest.mark.parametrize("done_target", ["reading", "truth"])
 def test_the_done_term_brings_the_done_models_reading_of_imagined_latents_to_that_of_real_ones(
         tmp_path, tiny_dataset, done_target):
