@@ -416,13 +416,14 @@ def _pad(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 def _compute_stats(f: h5py.File, n_frames: int | None = None) -> dict[str, dict[str, list[float]]]:
     """mean/std/min/max of state and action over all frames (actions: real steps only)."""
     eps = f["episodes"]
-    n = n_frames if n_frames is not None else (
-        int(eps["start"][-1] + eps["length"][-1] + 1) if len(eps["start"]) else 0)
+    rows = _complete_rows(eps)  # a reader can catch the writer between two columns' growth
+    starts, lengths = eps["start"][:rows], eps["length"][:rows]
+    n = n_frames if n_frames is not None else (int(starts[-1] + lengths[-1] + 1) if rows else 0)
     if n == 0:
         return {}
     state = f["frames/state"][:n]
     action = f["frames/action"][:n]
-    last = eps["start"][:] + eps["length"][:]  # the frame after each episode's final action
+    last = starts + lengths  # the frame after each episode's final action
     taken = np.ones(n, bool)
     taken[last[last < n]] = False
     out = {}
