@@ -229,9 +229,10 @@ def clause_truth(ds: EpisodeDataset) -> torch.Tensor:
     """Per frame of a loaded dataset, whether each clause of its episode's instruction holds there,
     from the privileged state [N, C] (clause_table's order: the task's subgoals, in order)."""
     objects, pads, pusher = (ds.frames[f"privileged/{k}"] for k in ("object_pos", "pad_pos", "pusher_pos"))
-    truth = torch.zeros(len(objects), max(len(ds.task(e)["subgoals"]) for e in range(len(ds))))
-    for e, text in enumerate(ds.instructions):
-        task, frames = ds.task(e), slice(int(ds.starts[e]), int(ds.starts[e] + ds.lengths[e]) + 1)
+    tasks = [ds.task(e) for e in range(len(ds))]  # each parsed once
+    truth = torch.zeros(len(objects), max(len(task["subgoals"]) for task in tasks))
+    for e, (text, task) in enumerate(zip(ds.instructions, tasks)):
+        frames = slice(int(ds.starts[e]), int(ds.starts[e] + ds.lengths[e]) + 1)
         clauses = len(split_instruction(text))
         if clauses != len(task["subgoals"]):
             raise ValueError(f"episode {e}'s instruction {text!r} splits into {clauses} clauses but its task has "
