@@ -37,14 +37,15 @@ bench: install
 experts: install
 	$(BIN)/foresight-experts episodes=200 hydra.run.dir=outputs/experts_200
 
-# The default recipe: data, then world model, goal model, done model, the scoring world model
-# (its predictor trained for long rollouts, for foresight-score), decoder and VLA into checkpoints/tabletop/.
+# The default recipe: data, then world model, goal model, done model, foresight-score's done model and
+# scoring world model (its predictor trained for long rollouts against that done model), decoder and VLA into checkpoints/tabletop/.
 train: install
 	$(BIN)/foresight-collect episodes=4000 policy=mixture out=data/tabletop.h5 hydra.run.dir=outputs/collect/train
 	$(BIN)/foresight-collect episodes=200 policy=mixture seed=900000 out=data/tabletop_eval.h5 hydra.run.dir=outputs/collect/eval
 	$(BIN)/foresight-train target=world_model
 	$(BIN)/foresight-train target=goal
 	$(BIN)/foresight-train target=done
+	$(BIN)/foresight-train target=scoring_done
 	$(BIN)/foresight-train target=predictor
 	$(BIN)/foresight-train target=decoder
 	$(BIN)/foresight-train target=vla

@@ -9,7 +9,8 @@ The world model (`world_model`, under `checkpoints`: by default the scoring worl
 planner's encoder with a predictor trained for long rollouts, foresight-train target=predictor)
 imagines the chunks, and the planner's own objective (planner/objective.py) gives the cost of the
 imagined end state: by default (goal=done) the done model's -log P(every clause of the instruction
-holds); goal=model, the distance to G(ℓ, z_0).
+holds), with the done model `done` under `checkpoints` (scoring_done: the one the scoring world
+model's predictor was trained against); goal=model, the distance to G(ℓ, z_0).
 Dataset mode: per episode, the first observation, the recorded actions cut into H chunks of K and
 the instruction. H is the same for every episode of a task family (its step budget in whole chunks,
 else the longest episode's; or `horizon`), so a rollout's length says nothing about the episode's.
@@ -206,11 +207,12 @@ def run(cfg: DictConfig) -> tuple[dict, Path]:
         raise ValueError(f"out must end in .csv or .parquet, got {out}")
     if cfg.goal not in GOAL_NAMES:
         raise ValueError(f"unknown goal {cfg.goal!r}; choose one of {', '.join(GOAL_NAMES)}")
-    goal_dir = "done" if cfg.goal == "done" else "goal"
+    goal_dir = cfg.done if cfg.goal == "done" else "goal"
     for name in (cfg.world_model, goal_dir):
         if not (root / name).is_dir():
             raise FileNotFoundError(f"no {name} checkpoint in {root}; run `make train` (scoring_world_model: "
-                                    f"foresight-train target=predictor) or set checkpoints= / world_model=")
+                                    f"foresight-train target=predictor; scoring_done: target=scoring_done) "
+                                    f"or set checkpoints= / world_model= / done=")
     wm = WorldModel.load(root / cfg.world_model)
     gm = (DoneModel if cfg.goal == "done" else GoalModel).load(root / goal_dir)
     cost_cfg = CostConfig(**cfg.cost)

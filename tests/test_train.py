@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from envs.dataset import EpisodeDataset
 from envs.experts import PUSHER_TOP
@@ -179,6 +180,23 @@ def test_the_done_term_brings_the_done_models_reading_of_imagined_latents_to_tha
     with pytest.raises(ValueError, match="needs a done model"):
         make_target(config(tmp_path / "x", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out",
                            "target.done=null", tiny=COMMON))
+
+
+def test_the_scoring_done_model_is_the_done_recipe_on_more_rows_with_a_run_and_weights_of_its_own():
+    """target=scoring_done trains a done model (foresight-score's) in its own run directory, so that
+    it never resumes the planner's done model's run, and saves it beside, not over, that one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        runs = {}
+        for choice in ("done", "scoring_done"):
+            cfg = compose("train", overrides=[f"target={choice}"], return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)  # what foresight-train's own run resolves the dir against
+            runs[choice] = (cfg.hydra.run.dir, cfg.target)
+    (done_dir, done), (scoring_dir, scoring) = runs["done"], runs["scoring_done"]
+    assert scoring.name == done.name == "done" and scoring.examples == 5 * done.examples
+    assert done_dir == "outputs/train/done" and scoring_dir == "outputs/train/scoring_done"
+    assert scoring.out != done.out and Path(scoring.out).name == OmegaConf.load(CONFIG_DIR + "/score.yaml").done
 
 
 def test_relabelled_subgoals_hold_where_the_episodes_succeeded_and_not_at_their_start(tiny_dataset):
