@@ -169,13 +169,20 @@ def test_matched_lengths_cut_each_failure_at_a_success_length_of_its_family_and_
         run(config(tmp_path, tiny_checkpoints, data=str(tiny_dataset), lengths="same"))
 
 
-def test_the_shipped_scoring_world_model_keeps_the_planners_encoder_so_the_shipped_done_model_reads_it():
+def test_the_shipped_scoring_stack_keeps_the_planners_encoder_so_its_done_model_reads_it():
     """foresight-score's default world model is the planner's with another predictor: the same encoder
-    (the done model was trained on its latents), a predictor that differs."""
+    (the scoring done model was trained on its latents), a predictor that differs, trained against
+    the scoring done model that foresight-score reads."""
+    import json
+
     from models import WorldModel
 
-    shipped = Path(__file__).resolve().parent.parent / "checkpoints" / "tabletop"
-    planner, scoring = WorldModel.load(shipped / "world_model"), WorldModel.load(shipped / "scoring_world_model")
+    root = Path(__file__).resolve().parent.parent
+    shipped, cfg = root / "checkpoints" / "tabletop", OmegaConf.load(CONFIG)
+    planner, scoring = WorldModel.load(shipped / "world_model"), WorldModel.load(shipped / cfg.world_model)
     assert all(torch.equal(p, q) for p, q in zip(planner.encoder.parameters(), scoring.encoder.parameters()))
     assert not torch.equal(planner.predictor.out.weight, scoring.predictor.out.weight)
-    assert OmegaConf.load(CONFIG).world_model == "scoring_world_model"
+    done = json.loads((shipped / cfg.done / "config.json").read_text())
+    assert done["kind"] == "done" and done["world_model"] == "checkpoints/tabletop/world_model"
+    trained = json.loads((shipped / cfg.world_model / "config.json").read_text())["predictor"]["train"]
+    assert Path(trained["done"]).name == cfg.done == Path(OmegaConf.load(root / "configs/target/predictor.yaml").done).name
