@@ -173,16 +173,15 @@ def test_the_shipped_scoring_stack_keeps_the_planners_encoder_so_its_done_model_
     """foresight-score's default world model is the planner's with another predictor: the same encoder
     (the scoring done model was trained on its latents), a predictor that differs, trained against
     the scoring done model that foresight-score reads."""
-    import json
-
     from models import WorldModel
+    from models.checkpoint import load_checkpoint
 
     root = Path(__file__).resolve().parent.parent
     shipped, cfg = root / "checkpoints" / "tabletop", OmegaConf.load(CONFIG)
     planner, scoring = WorldModel.load(shipped / "world_model"), WorldModel.load(shipped / cfg.world_model)
     assert all(torch.equal(p, q) for p, q in zip(planner.encoder.parameters(), scoring.encoder.parameters()))
     assert not torch.equal(planner.predictor.out.weight, scoring.predictor.out.weight)
-    done = json.loads((shipped / cfg.done / "config.json").read_text())
+    done = load_checkpoint(shipped / cfg.done)[1]
     assert done["kind"] == "done" and done["world_model"] == "checkpoints/tabletop/world_model"
-    trained = json.loads((shipped / cfg.world_model / "config.json").read_text())["predictor"]["train"]
+    trained = load_checkpoint(shipped / cfg.world_model)[1]["predictor"]["train"]
     assert Path(trained["done"]).name == cfg.done == Path(OmegaConf.load(root / "configs/target/predictor.yaml").done).name
