@@ -153,10 +153,11 @@ class PredictorTarget:
         done = DoneModel.load(t.done) if t.done else None
         self.objective = PredictorObjective(self.model, done, t.done_weight)
         self.modules = {"world_model": self.model}
-        self.train_ds, self.eval_ds = open_dataset(cfg.data), open_dataset(cfg.eval_data)
-        self.train_data, eval_data = self._encoded(self.train_ds), self._encoded(self.eval_ds)
-        self.eval_batch = resting_windows(self.eval_ds, *eval_data, np.random.default_rng(0), t.eval_windows,
-                                          self.model.cfg, t.horizon, t.start_share, t.cut_share)
+        train = [open_dataset(path) for path in [cfg.data, *t.get("extra_data", [])]]
+        self.train_sets = [(ds, self._encoded(ds)) for ds in train]
+        self.eval_ds = open_dataset(cfg.eval_data)
+        self.eval_batch = resting_windows(self.eval_ds, *self._encoded(self.eval_ds), np.random.default_rng(0),
+                                          t.eval_windows, self.model.cfg, t.horizon, t.start_share, t.cut_share)
 
     def _encoded(self, ds: EpisodeDataset) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         """Every frame's latent [N, D], each episode's instruction [E, L] and, for the done term, the
@@ -169,8 +170,9 @@ class PredictorTarget:
 
     def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
         t = self.cfg.target
-        return resting_windows(self.train_ds, *self.train_data, rng, size, self.model.cfg, t.horizon, t.start_share,
-                               t.cut_share)
+        counts = rows_per_dataset([ds for ds, _ in self.train_sets], size)
+        return merge_windows([resting_windows(ds, *data, rng, int(n), self.model.cfg, t.horizon, t.start_share,
+                                              t.cut_share) for (ds, data), n in zip(self.train_sets, counts) if n])
 
     def after_step(self) -> None:
         pass
@@ -270,6 +272,33 @@ def resting_windows(ds: EpisodeDataset, z: torch.Tensor, lang: torch.Tensor, cla
     return out
 
 
+def rows_per_dataset(datasets: list[EpisodeDataset], n: int) -> np.ndarray:
+    """n rows (or windows) split across datasets in proportion to their episodes."""
+    episodes = np.cumsum([0] + [len(ds) for ds in datasets])
+    return np.diff(np.round(episodes / episodes[-1] * n).astype(np.int64))
+
+
+def merge_windows(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """resting_windows' batches of several datasets as one; the clause axis (the last, but for the
+    embeddings' second) is zero-padded to the most clauses any has, masked out by clause_mask."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for key in parts[0]:
+        axis = 1 if key == "clauses" else -1
+        most = max(p[key].shape[axis] for p in parts) if key.startswith("clause") else None
+        padded = []
+        for p in parts:
+            x = p[key]
+            if most is not None and x.shape[axis] < most:
+                shape = list(x.shape)
+                shape[axis] = most - x.shape[axis]
+                x = torch.cat([x, x.new_zeros(shape)], dim=axis)
+            padded.append(x)
+        out[key] = torch.cat(padded)
+    return out
+
+
 def episode_pads(ds: EpisodeDataset) -> torch.Tensor:
     """xy of each pad colour in each episode [E, len(COLOURS), 2], NaN where the episode has none."""
     return torch.tensor(colour_positions(ds, ds.starts.astype(np.int64), np.arange(len(ds)), "pads"), dtype=torch.float32)
@@ -348,8 +377,9 @@ class DoneTarget:
         self.model_cfg = DoneModelConfig(**t.model, latent_dim=world_model.cfg.latent_dim)
         self.model = _build(cfg.seed, lambda: DoneModel(self.model_cfg))
         self.objective, self.modules = self.model, {"done": self.model}
-        self.train = SubgoalFrames(world_model, open_dataset(cfg.data), np.random.default_rng([cfg.seed, 1]), t.examples)
-        self.eval = SubgoalFrames(world_model, open_dataset(cfg.eval_data), np.random.default_rng(1), t.eval_examples)
+        train = [open_dataset(path) for path in [cfg.data, *t.get("extra_data", [])]]
+        self.train = SubgoalFrames(world_model, train, np.random.default_rng([cfg.seed, 1]), t.examples)
+        self.eval = SubgoalFrames(world_model, [open_dataset(cfg.eval_data)], np.random.default_rng(1), t.eval_examples)
 
     def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
         return self.train.batch(rng.integers(len(self.train), size=size))
@@ -481,16 +511,24 @@ def relabel_subgoals(ds: EpisodeDataset, rng: np.random.Generator, n: int, own_s
 
 class SubgoalFrames:
     """relabel_subgoals' rows as the done model's batches: target latents of the frames (each frame
-    encoded once) and the instructions' embeddings (each text encoded once)."""
+    encoded once) and the instructions' embeddings (each text encoded once). Of several datasets,
+    each gives rows in proportion to its episodes."""
 
-    def __init__(self, world_model: WorldModel, ds: EpisodeDataset, rng: np.random.Generator, n: int):
-        frames, texts, self.kinds, labels = relabel_subgoals(ds, rng, n)
-        unique, self.frame_row = np.unique(frames, return_inverse=True)
-        self.z = encode_frames(world_model, ds, unique)
+    def __init__(self, world_model: WorldModel, datasets: list[EpisodeDataset], rng: np.random.Generator, n: int):
+        z, frame_rows, texts, kinds, labels = [], [], [], [], []
+        for ds, count in zip(datasets, rows_per_dataset(datasets, n)):
+            frames, ds_texts, ds_kinds, ds_labels = relabel_subgoals(ds, rng, int(count))
+            unique, rows = np.unique(frames, return_inverse=True)
+            frame_rows.append(rows + sum(len(part) for part in z))
+            z.append(encode_frames(world_model, ds, unique))
+            texts += ds_texts
+            kinds.append(ds_kinds)
+            labels.append(ds_labels)
+        self.z, self.frame_row, self.kinds = torch.cat(z), np.concatenate(frame_rows), np.concatenate(kinds)
         vocabulary = sorted(set(texts))
         index = {text: i for i, text in enumerate(vocabulary)}
         self.lang, self.text_row = get_instruction_encoder().encode(vocabulary), np.array([index[t] for t in texts])
-        self.labels = torch.from_numpy(labels)
+        self.labels = torch.from_numpy(np.concatenate(labels))
 
     def __len__(self) -> int:
         return len(self.labels)

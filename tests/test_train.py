@@ -20,8 +20,8 @@ from envs.experts import PUSHER_TOP
 from envs.scene import TABLE_RGB, image_coords
 from experiments.common import CONFIG_DIR
 from experiments.evaluate import evaluate, report
-from experiments.targets import (clause_truth, first_of_each_family, make_target, named_point_targets, random_shift,
-                                 relabel_subgoals, resting_windows, table_symmetry)
+from experiments.targets import (clause_truth, first_of_each_family, make_target, merge_windows, named_point_targets,
+                                 random_shift, relabel_subgoals, resting_windows, table_symmetry)
 from experiments.train import train
 from models import WorldModel, WorldModelConfig
 from models.checkpoint import load_checkpoint
@@ -30,6 +30,7 @@ from models.goal import GoalModel
 from models.vla import VLA
 
 COMMON = ["target.batch=8", "target.warmup=2", "log_every=1", "threads=1"]
+NO_EXTRA = "target.extra_data=[]"  # the predictor recipe's extra datasets are collected by make train, not here
 TINY = [*COMMON, "target.model.latent_dim=16", "target.model.keypoints=4", "target.model.width=32",
         "target.model.blocks=1", "target.model.cond_dim=16", "target.horizon=2", "target.eval_windows=16"]
 
@@ -108,6 +109,7 @@ def test_the_predictor_fine_tunes_for_long_rollouts_that_rest_after_the_episode_
         tmp_path, tiny_dataset):
     train(config(tmp_path / "wm", tiny_dataset, "target.steps=5"), tmp_path / "wm_run")
     cfg = config(tmp_path / "long", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out",
+                 f"target.extra_data=[{tiny_dataset}]",  # half the windows from a second dataset (here a copy)
                  "target.steps=60", "target.lr=3e-3", "target.horizon=12", "target.eval_every=60", "target.eval_windows=64",
                  "target.start_share=0.5", "target.done=null", "target.done_weight=0", tiny=COMMON)
     first = make_target(cfg)
@@ -116,7 +118,8 @@ def test_the_predictor_fine_tunes_for_long_rollouts_that_rest_after_the_episode_
     # 12 chunks run past every tiny episode's end (80 steps at most): the pusher rests there, the scene holds
     assert (b["actions"][:, -1] == 0).all() and torch.equal(b["z"][:, -1], b["z"][:, -2])
     # about half the windows start at their episode's first frame: their history is that frame twice
-    starts = [int((first.train_data[0][first.train_ds.starts] == z0).all(1).any()) for z0 in b["z"][:, 0]]
+    ds, (z, *_) = first.train_sets[0]
+    starts = [int((z[ds.starts] == z0).all(1).any()) for z0 in b["z"][:, 0]]
     assert 16 < sum(starts) < 48
     final = train(cfg, tmp_path / "long_run")
     logged = [m["loss"] for m in metrics(tmp_path / "long_run/metrics.jsonl") if "loss" in m]
@@ -127,11 +130,26 @@ def test_the_predictor_fine_tunes_for_long_rollouts_that_rest_after_the_episode_
     assert load_checkpoint(tmp_path / "long/out")[1]["predictor"]["train"]["horizon"] == 12
 
 
+def test_windows_of_datasets_with_different_clause_counts_merge_with_the_missing_clauses_masked():
+    """target.extra_data: one-step windows (one clause) beside two-step ones (two) make one batch; the
+    one-step windows' second clause is zero and masked out, so the done term never reads it."""
+    def part(size, clauses):
+        return {"z": torch.randn(size, 5, 4), "lang": torch.randn(size, 3), "clauses": torch.randn(size, clauses, 3),
+                "clause_mask": torch.ones(size, clauses), "clause_truth": torch.ones(size, 3, clauses)}
+
+    one, two = part(2, 1), part(3, 2)
+    b = merge_windows([one, two])
+    assert b["z"].shape == (5, 5, 4) and b["clauses"].shape == (5, 2, 3) and b["clause_truth"].shape == (5, 3, 2)
+    assert torch.equal(b["clause_mask"][:2], torch.tensor([[1.0, 0.0]] * 2)) and b["clause_mask"][2:].all()
+    assert torch.equal(b["clauses"][:2, :1], one["clauses"]) and not b["clauses"][:2, 1].any()
+    assert torch.equal(b["clause_truth"][2:], two["clause_truth"]) and not b["clause_truth"][:2, :, 1].any()
+
+
 def test_the_predictor_target_can_train_a_larger_predictor_afresh_on_the_same_encoder(tmp_path, tiny_dataset):
     """target.predictor resizes the predictor: the encoder is copied, the predictor is new and trains,
     and the saved config builds the new size."""
     train(config(tmp_path / "wm", tiny_dataset, "target.steps=5"), tmp_path / "wm_run")
-    cfg = config(tmp_path / "wide", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out",
+    cfg = config(tmp_path / "wide", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out", NO_EXTRA,
                  "target.predictor={width: 48, blocks: 2, mlp_ratio: 2}", "target.steps=30", "target.lr=3e-3",
                  "target.horizon=4", "target.eval_every=30", "target.eval_windows=32", "target.done=null",
                  "target.done_weight=0", tiny=COMMON)
@@ -142,7 +160,7 @@ def test_the_predictor_target_can_train_a_larger_predictor_afresh_on_the_same_en
     assert (after.cfg.width, after.cfg.blocks, after.cfg.mlp_ratio) == (48, 2, 2) and before.cfg.width == 32
     assert all(torch.equal(p, q) for p, q in zip(before.encoder.parameters(), after.encoder.parameters()))
     with pytest.raises(ValueError, match="not \\['latent_dim'\\]"):
-        make_target(config(tmp_path / "x", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out",
+        make_target(config(tmp_path / "x", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out", NO_EXTRA,
                            "target.predictor={latent_dim: 8}", "target.done=null", "target.done_weight=0", tiny=COMMON))
 
 
@@ -159,7 +177,7 @@ def test_the_done_term_brings_the_done_models_reading_of_imagined_latents_to_tha
                  tiny=COMMON), tmp_path / "done_run")
 
     def run(weight):
-        cfg = config(tmp_path / f"long{weight}", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out",
+        cfg = config(tmp_path / f"long{weight}", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out", NO_EXTRA,
                      f"target.done={tmp_path}/done/out", f"target.done_weight={weight}", f"target.done_target={done_target}",
                      "target.steps=60", "target.lr=3e-3", "target.horizon=6", "target.eval_every=60",
                      "target.eval_windows=64", tiny=COMMON)
@@ -178,13 +196,14 @@ def test_the_done_term_brings_the_done_models_reading_of_imagined_latents_to_tha
     # the same held-out windows, before training and after training without the term
     assert gap < target.evaluate()[metric] and gap < run(0)[1]
     with pytest.raises(ValueError, match="needs a done model"):
-        make_target(config(tmp_path / "x", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out",
+        make_target(config(tmp_path / "x", tiny_dataset, "target=predictor", f"world_model={tmp_path}/wm/out", NO_EXTRA,
                            "target.done=null", tiny=COMMON))
 
 
-def test_the_scoring_done_model_is_the_done_recipe_on_more_rows_with_a_run_and_weights_of_its_own():
-    """target=scoring_done trains a done model (foresight-score's) in its own run directory, so that
-    it never resumes the planner's done model's run, and saves it beside, not over, that one."""
+def test_the_scoring_done_model_is_the_done_recipe_on_more_rows_and_pad_episodes_with_a_run_of_its_own():
+    """target=scoring_done trains a done model (foresight-score's) on more rows, a share of them from
+    the push-to-pad set, in its own run directory, so that it never resumes the planner's done
+    model's run, and saves it beside, not over, that one."""
     from hydra.core.hydra_config import HydraConfig
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
@@ -194,9 +213,27 @@ def test_the_scoring_done_model_is_the_done_recipe_on_more_rows_with_a_run_and_w
             HydraConfig.instance().set_config(cfg)  # what foresight-train's own run resolves the dir against
             runs[choice] = (cfg.hydra.run.dir, cfg.target)
     (done_dir, done), (scoring_dir, scoring) = runs["done"], runs["scoring_done"]
-    assert scoring.name == done.name == "done" and scoring.examples == 5 * done.examples
+    assert scoring.name == done.name == "done" and scoring.examples == 10 * done.examples
+    assert list(done.extra_data) == [] and list(scoring.extra_data) == ["data/tabletop_pads.h5"]
     assert done_dir == "outputs/train/done" and scoring_dir == "outputs/train/scoring_done"
     assert scoring.out != done.out and Path(scoring.out).name == OmegaConf.load(CONFIG_DIR + "/score.yaml").done
+
+
+def test_the_done_models_rows_come_from_every_dataset_in_proportion_to_its_episodes(tmp_path, tiny_dataset):
+    """target.extra_data: each dataset gives rows in proportion to its episodes (here three copies of
+    one dataset, a third each), and each row's latent is that of a frame of its own dataset."""
+    train(config(tmp_path / "wm", tiny_dataset, "target.steps=2"), tmp_path / "wm_run")
+    target = make_target(config(tmp_path / "done", tiny_dataset, "target=done", f"world_model={tmp_path}/wm/out",
+                                "target.model.width=32", "target.examples=900", "target.eval_examples=100",
+                                f"target.extra_data=[{tiny_dataset},{tiny_dataset}]", tiny=COMMON))
+    rows = target.train
+    assert len(rows) == 900 and len(rows.labels) == len(rows.kinds) == len(rows.text_row) == 900
+    # Rows i * 300 onwards come from copy i and read only its latents (each copy's frames encoded once).
+    ends = np.cumsum([0] + [len(np.unique(rows.frame_row[i * 300:(i + 1) * 300])) for i in range(3)])
+    assert ends[-1] == len(rows.z)
+    for i in range(3):
+        part = rows.frame_row[i * 300:(i + 1) * 300]
+        assert ends[i] <= part.min() and part.max() < ends[i + 1]
 
 
 def test_relabelled_subgoals_hold_where_the_episodes_succeeded_and_not_at_their_start(tiny_dataset):
