@@ -37,11 +37,14 @@ bench: install
 experts: install
 	$(BIN)/foresight-experts episodes=200 hydra.run.dir=outputs/experts_200
 
-# The default recipe: data, then world model, goal model, done model, foresight-score's done model and
-# scoring world model (its predictor trained for long rollouts against that done model), decoder and VLA into checkpoints/tabletop/.
+# The default recipe: data (and, for foresight-score's models, more push-to-pad and two-step episodes), then world model,
+# goal model, done model, foresight-score's done model and scoring world model (its predictor trained for
+# long rollouts against that done model), decoder and VLA into checkpoints/tabletop/.
 train: install
 	$(BIN)/foresight-collect episodes=4000 policy=mixture out=data/tabletop.h5 hydra.run.dir=outputs/collect/train
 	$(BIN)/foresight-collect episodes=200 policy=mixture seed=900000 out=data/tabletop_eval.h5 hydra.run.dir=outputs/collect/eval
+	$(BIN)/foresight-collect 'env.tasks=[push_to_pad]' episodes=8000 policy=mixture seed=100000 out=data/tabletop_pads.h5 hydra.run.dir=outputs/collect/pads
+	$(BIN)/foresight-collect 'env.tasks=[two_step]' episodes=4000 policy=mixture seed=200000 out=data/tabletop_two_step.h5 hydra.run.dir=outputs/collect/two_step
 	$(BIN)/foresight-train target=world_model
 	$(BIN)/foresight-train target=goal
 	$(BIN)/foresight-train target=done
