@@ -128,8 +128,9 @@ class WorldModelTarget:
 
 
 class PredictorTarget:
-    """A trained world model's predictor fine-tuned on frozen latents (every frame encoded once) to
-    roll out `horizon` chunks, far beyond the recipe's 4. A window may start at any frame and run
+    """A trained world model's predictor fine-tuned on frozen latents (every frame encoded once) of
+    `data` and any `extra_data` (windows from each in proportion to its episodes) to roll out
+    `horizon` chunks, far beyond the recipe's 4. A window may start at any frame and run
     past its episode's end: there the pusher rests (the dataset's zero actions) and the scene holds
     (the outcome frame's latent), which is what foresight-score asks of a rollout over a task's whole
     step budget; a share `start_share` of the windows start at the episode's first frame, where
