@@ -48,6 +48,11 @@ def open_dataset(path: str) -> EpisodeDataset:
     return EpisodeDataset(path, load=True)
 
 
+def training_datasets(cfg: DictConfig) -> list[EpisodeDataset]:
+    """`data` and the target's `extra_data` (done and predictor targets), loaded."""
+    return [open_dataset(path) for path in [cfg.data, *cfg.target.extra_data]]
+
+
 def instruction_table(ds: EpisodeDataset, blank_words: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Per episode: the instruction embedding [E, L] (of the text with `blank_words` blanked) and
     an id per distinct text [E]."""
@@ -154,8 +159,7 @@ class PredictorTarget:
         done = DoneModel.load(t.done) if t.done else None
         self.objective = PredictorObjective(self.model, done, t.done_weight)
         self.modules = {"world_model": self.model}
-        train = [open_dataset(path) for path in [cfg.data, *t.get("extra_data", [])]]
-        self.train_sets = [(ds, self._encoded(ds)) for ds in train]
+        self.train_sets = [(ds, self._encoded(ds)) for ds in training_datasets(cfg)]
         self.eval_ds = open_dataset(cfg.eval_data)
         self.eval_batch = resting_windows(self.eval_ds, *self._encoded(self.eval_ds), np.random.default_rng(0),
                                           t.eval_windows, self.model.cfg, t.horizon, t.start_share, t.cut_share)
@@ -378,8 +382,7 @@ class DoneTarget:
         self.model_cfg = DoneModelConfig(**t.model, latent_dim=world_model.cfg.latent_dim)
         self.model = _build(cfg.seed, lambda: DoneModel(self.model_cfg))
         self.objective, self.modules = self.model, {"done": self.model}
-        train = [open_dataset(path) for path in [cfg.data, *t.get("extra_data", [])]]
-        self.train = SubgoalFrames(world_model, train, np.random.default_rng([cfg.seed, 1]), t.examples)
+        self.train = SubgoalFrames(world_model, training_datasets(cfg), np.random.default_rng([cfg.seed, 1]), t.examples)
         self.eval = SubgoalFrames(world_model, [open_dataset(cfg.eval_data)], np.random.default_rng(1), t.eval_examples)
 
     def batch(self, rng: np.random.Generator, size: int) -> dict[str, torch.Tensor]:
